@@ -1,0 +1,32 @@
+# cryo-forum: `make demo` runs the main job on the built-in example, `make test` runs the tests.
+# Both create a virtual environment inside the checkout (.venv) and install everything into it.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= demo_out
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# tensorflow-graphics without its dependencies: they pull the discontinued tensorflow-addons.
+	$(BIN)/python -m pip install --quiet --no-deps "tensorflow-graphics==2021.12.3"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cryo-forum demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests data_prep bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build src/*.egg-info

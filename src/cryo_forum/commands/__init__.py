@@ -1,0 +1,1 @@
+"""One module per ``cryo-forum`` command, each with ``add_args(parser)`` and ``main(args)``."""

@@ -1,0 +1,1 @@
+"""Particle file formats (RELION STAR, MRC/MRCS, cryoSPARC .cs) and the lazy ParticleSet built from them."""
