@@ -50,3 +50,14 @@ def test_batched_parameters_and_half_grid():
     np.testing.assert_allclose(batch[1], compute_ctf(32, 2.0, 20000.0, 20000.0, 0.0))
     half = compute_ctf(32, 2.0, du, du, np.zeros(2), rfft=True)
     np.testing.assert_allclose(half, batch[..., :17])
+
+
+def test_tensorflow_twin_matches_numpy():
+    from cryo_forum.ctf import compute_ctf_tf
+
+    du, dv, angle = np.array([12000.0, 25000.0]), np.array([11000.0, 24000.0]), np.array([10.0, -60.0])
+    expected = compute_ctf(48, 2.5, du, dv, angle, 300.0, 2.7, 0.1, bfactor=40.0, phase_shift=5.0)
+    actual = compute_ctf_tf(
+        48, 2.5, du.astype(np.float32), dv.astype(np.float32), angle.astype(np.float32), 300.0, 2.7, 0.1, 40.0, 5.0
+    )
+    np.testing.assert_allclose(actual.numpy(), expected, atol=2e-3)

@@ -73,3 +73,49 @@ def compute_ctf(
     k3 = np.arctan(q0 / np.sqrt(1.0 - q0**2))
     ctf = np.sin(chi + k3 + np.radians(shift)) * np.exp(-0.25 * bfac * s2)
     return ctf if batched else ctf[0]
+
+
+def compute_ctf_tf(
+    size: int,
+    pixel_size: float,
+    defocus_u,
+    defocus_v,
+    defocus_angle,
+    voltage,
+    spherical_aberration,
+    amplitude_contrast,
+    bfactor=0.0,
+    phase_shift=0.0,
+):
+    """TensorFlow twin of :func:`compute_ctf` for batches drawn inside a tf.data pipeline.
+
+    Every parameter is a tensor [N] (float32); returns [N, size, size] on the unshifted full FFT grid.
+    """
+    from cryo_forum.tensorflow_quiet import tf
+
+    sx, sy = (tf.constant(grid, tf.float32) for grid in frequency_grid(size, pixel_size))
+    s2 = sx**2 + sy**2
+
+    def column(value):
+        return tf.reshape(tf.cast(value, tf.float32), [-1, 1, 1]) + tf.zeros_like(tf.reshape(defocus_u, [-1, 1, 1]))
+
+    dfu, dfv, angle, kv, cs, q0, bfac, shift = (
+        column(v)
+        for v in (
+            defocus_u,
+            defocus_v,
+            defocus_angle,
+            voltage,
+            spherical_aberration,
+            amplitude_contrast,
+            bfactor,
+            phase_shift,
+        )
+    )
+    volts = kv * 1e3
+    wavelength = 12.2642598 / tf.sqrt(volts * (1.0 + volts * 0.978466e-6))
+    azimuth = tf.atan2(sy, sx)
+    defocus = 0.5 * (dfu + dfv) + 0.5 * (dfu - dfv) * tf.cos(2.0 * (azimuth - angle * (np.pi / 180.0)))
+    chi = np.pi * wavelength * defocus * s2 - 0.5 * np.pi * cs * 1e7 * wavelength**3 * s2**2
+    k3 = tf.atan(q0 / tf.sqrt(1.0 - q0**2))
+    return tf.sin(chi + k3 + shift * (np.pi / 180.0)) * tf.exp(-0.25 * bfac * s2)
