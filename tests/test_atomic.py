@@ -41,3 +41,13 @@ def test_refuses_to_overwrite_an_input(tmp_path):
     with pytest.raises(CryoForumError, match=r"particles\.star"):
         refuse_overwriting_inputs(tmp_path / "." / "particles.star", [source])
     refuse_overwriting_inputs(tmp_path / "other.star", [source])
+
+
+def test_failed_output_leaves_no_new_folders(tmp_path):
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "a" / "b" / "run") as staging:
+        (staging / "x.txt").write_text("x")
+        raise RuntimeError("failed")
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "c" / "out.txt") as tmp:
+        tmp.write_text("x")
+        raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []

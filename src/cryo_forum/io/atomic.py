@@ -25,6 +25,25 @@ def refuse_overwriting_inputs(output: str | os.PathLike, inputs: Iterable[str | 
             raise CryoForumError(f"{output}: refusing to overwrite an input file; choose another output path")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing ancestors of ``path``; return them, deepest first, so a failure can remove them."""
+    missing = [parent for parent in path.parents if not parent.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
@@ -32,16 +51,18 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     The temporary name keeps the final suffix so that libraries choosing a format by extension work.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; outputs follow the umask like any file
     try:
         yield tmp
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _remove_if_empty(created)
+        raise
 
 
 @contextlib.contextmanager
@@ -54,7 +75,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CryoForumError(f"{path}: exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield staging
@@ -65,5 +86,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 target.mkdir(exist_ok=True)
             else:
                 os.replace(item, target)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(created)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""MRC stacks and volumes: round trips, memory maps, atomic writers and errors that name the file."""
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryo_forum.errors import CryoForumError
+from cryo_forum.io import mrc
+
+
+def test_stack_round_trip_is_a_read_only_memory_map(tmp_path):
+    images = np.random.default_rng(0).normal(size=(5, 16, 16)).astype(np.float32)
+    path = tmp_path / "stack.mrcs"
+    mrc.write_stack(path, images, pixel_size=1.5)
+    stack = mrc.open_stack(path)
+    assert isinstance(stack, np.memmap)
+    assert not stack.flags.writeable
+    np.testing.assert_array_equal(stack, images)
+    with mrcfile.open(path, header_only=True) as handle:
+        assert int(handle.header.ispg) == 0
+        assert handle.voxel_size.x == pytest.approx(1.5)
+    info = mrc.mrc_info(path)
+    assert info.shape == (5, 16, 16) and not info.is_volume and info.pixel_size == pytest.approx(1.5)
+
+
+def test_single_image_is_a_stack_of_one(tmp_path):
+    image = np.arange(64, dtype=np.float32).reshape(8, 8)
+    path = tmp_path / "one.mrc"
+    with mrcfile.new(path) as handle:
+        handle.set_data(image)
+    stack = mrc.open_stack(path)
+    assert stack.shape == (1, 8, 8)
+    np.testing.assert_array_equal(stack[0], image)
+
+
+def test_volume_round_trip(tmp_path):
+    volume = np.random.default_rng(1).normal(size=(6, 7, 8))
+    path = tmp_path / "map.mrc"
+    mrc.write_volume(path, volume, pixel_size=3.67)
+    data, pixel_size = mrc.read_volume(path)
+    assert data.dtype == np.float32 and data.shape == (6, 7, 8)
+    np.testing.assert_allclose(data, volume, rtol=1e-6)
+    assert pixel_size == pytest.approx(3.67)
+    with mrcfile.open(path, header_only=True) as handle:
+        assert int(handle.header.ispg) == 1
+    assert mrc.mrc_info(path).is_volume
+
+
+def test_stack_writer_fills_in_place_and_renames_on_success(tmp_path):
+    path = tmp_path / "big.mrcs"
+    with mrc.stack_writer(path, n=4, size=8, pixel_size=2.0) as out:
+        assert not path.exists()
+        for i in range(4):
+            out[i] = i
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.mrcs"]
+    stack = mrc.open_stack(path)
+    np.testing.assert_array_equal(stack[:, 0, 0], [0, 1, 2, 3])
+    assert mrc.mrc_info(path).pixel_size == pytest.approx(2.0)
+
+
+def test_stack_writer_leaves_nothing_on_error(tmp_path):
+    path = tmp_path / "big.mrcs"
+    with pytest.raises(RuntimeError), mrc.stack_writer(path, n=4, size=8, pixel_size=2.0) as out:
+        out[0] = 1
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writers_refuse_to_overwrite_inputs(tmp_path):
+    path = tmp_path / "in.mrcs"
+    mrc.write_stack(path, np.zeros((2, 8, 8)), 1.0)
+    before = path.read_bytes()
+    with pytest.raises(CryoForumError, match=r"in\.mrcs"):
+        mrc.write_stack(path, np.ones((2, 8, 8)), 1.0, inputs=[path])
+    with pytest.raises(CryoForumError, match=r"in\.mrcs"), mrc.stack_writer(path, 2, 8, 1.0, inputs=[path]):
+        pass
+    assert path.read_bytes() == before
+
+
+def write_valid(path):
+    mrc.write_stack(path, np.ones((3, 16, 16)), 1.0)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda good: None,
+        lambda good: good[:-100],
+        lambda good: good[:500],
+        lambda good: b"this is not an MRC file" * 100,
+        lambda good: good[:12] + (99).to_bytes(4, "little") + good[16:],
+        lambda good: good[:92] + (10**9).to_bytes(4, "little") + good[96:],
+    ],
+    ids=["missing", "truncated-data", "truncated-header", "garbage", "bad-mode", "huge-extended-header"],
+)
+def test_bad_mrc_files_raise_naming_the_file(tmp_path, damage):
+    good = write_valid(tmp_path / "good.mrcs")
+    path = tmp_path / "bad.mrcs"
+    content = damage(good)
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CryoForumError, match=r"bad\.mrcs"):
+        mrc.open_stack(path)
+    with pytest.raises(CryoForumError, match=r"bad\.mrcs"):
+        mrc.read_volume(path)
+
+
+def test_wrong_dimensionality_is_refused(tmp_path):
+    image = tmp_path / "image.mrc"
+    with mrcfile.new(image) as handle:
+        handle.set_data(np.zeros((8, 8), np.float32))
+    with pytest.raises(CryoForumError, match=r"image.mrc.*3-D"):
+        mrc.read_volume(image)
+    rectangular = tmp_path / "rect.mrcs"
+    mrc.write_stack(rectangular, np.zeros((2, 8, 10)), 1.0)
+    with pytest.raises(CryoForumError, match=r"rect.mrcs.*square"):
+        mrc.open_stack(rectangular)
