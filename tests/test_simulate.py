@@ -1,0 +1,218 @@
+"""Simulated particles: CTF, SNR, shifts, outliers, symmetry, reproducibility, files and the CLI."""
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+
+from cryo_forum import cli, geometry
+from cryo_forum.ctf import compute_ctf
+from cryo_forum.errors import CryoForumError
+from cryo_forum.fourier import translate_images
+from cryo_forum.io import star
+from cryo_forum.projection import project
+from cryo_forum.simulate import OUTLIER_KINDS, simulate_particles, write_simulation
+from cryo_forum.volumes import example_map_path, example_model_path, load_volume
+
+SIZE = 32
+PIXEL_SIZE = 3.0
+
+
+@pytest.fixture(scope="module")
+def volume():
+    volume, _ = load_volume(example_map_path(), pixel_size=PIXEL_SIZE, size=SIZE)
+    return volume
+
+
+def true_quaternions(particles):
+    return geometry.euler_to_quaternion(particles[list(star.ANGLES)].to_numpy())
+
+
+def origins_px(particles):
+    return particles[[star.ORIGIN_X_ANGST, star.ORIGIN_Y_ANGST]].to_numpy() / PIXEL_SIZE
+
+
+def test_noise_free_images_are_shifted_projections_at_the_poses_of_the_table(volume):
+    images, _, particles = simulate_particles(volume, PIXEL_SIZE, 12, ctf=False, shift_px=4.0, seed=1)
+    shifts = origins_px(particles)
+    assert np.abs(shifts).max() > 1.0 and np.abs(shifts).max() <= 4.0
+    centred = project(volume, true_quaternions(particles))  # from the angles written to the table
+    np.testing.assert_allclose(images, translate_images(centred, -shifts), atol=1e-3 * np.abs(centred).max())
+    # independent of translate_images: the particle's centre of mass sits at (its centred place) - origin
+    for image, reference, shift in zip(images, centred, shifts, strict=True):
+        moved = np.subtract(_centroid(image), _centroid(reference))  # (rows, columns)
+        np.testing.assert_allclose(moved, -shift[::-1], atol=0.15)
+
+
+def _centroid(image):
+    """(row, column) centre of mass of a noise-free particle image (positive density, no CTF)."""
+    rows, cols = np.indices(image.shape)
+    weights = np.clip(image, 0, None)
+    return (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
+
+
+def test_ctf_multiplies_the_spectrum_with_the_table_defocus(volume):
+    options = dict(shift_px=2.0, bfactor=(0.0, 50.0), seed=2)
+    plain, _, _ = simulate_particles(volume, PIXEL_SIZE, 6, ctf=False, **options)
+    images, optics, particles = simulate_particles(volume, PIXEL_SIZE, 6, ctf=True, **options)
+    ctf = compute_ctf(
+        SIZE,
+        optics[star.IMAGE_PIXEL_SIZE][0],
+        particles[star.DEFOCUS_U].to_numpy(),
+        particles[star.DEFOCUS_V].to_numpy(),
+        particles[star.DEFOCUS_ANGLE].to_numpy(),
+        optics[star.VOLTAGE][0],
+        optics[star.CS][0],
+        optics[star.AMPLITUDE_CONTRAST][0],
+        particles[star.CTF_BFACTOR].to_numpy(),
+    )
+    spectra, plain_spectra = np.fft.fft2(images), np.fft.fft2(plain)
+    scale = np.abs(plain_spectra).max()
+    np.testing.assert_allclose(spectra, plain_spectra * ctf, atol=1e-4 * scale)
+    assert np.abs(spectra[np.abs(ctf) < 0.02]).max() < 0.03 * scale  # zeros of the CTF are zeros of the image
+    defocus = particles[[star.DEFOCUS_U, star.DEFOCUS_V]].to_numpy()
+    assert (defocus >= 10000 - 500).all() and (defocus <= 25000 + 500).all()
+    assert (particles[star.DEFOCUS_U] >= particles[star.DEFOCUS_V]).all()
+
+
+def test_snr_measured_on_the_output_matches_the_request(volume):
+    clean, _, _ = simulate_particles(volume, PIXEL_SIZE, 300, seed=3)
+    noisy, _, _ = simulate_particles(volume, PIXEL_SIZE, 300, snr=0.5, seed=3)
+    noise = noisy - clean
+    assert abs(noise.mean()) < 0.01 * noise.std()
+    measured = np.var(clean, axis=(1, 2)).mean() / np.var(noise)
+    assert measured == pytest.approx(0.5, rel=0.1)
+
+
+def test_outliers_are_labelled_in_the_requested_fraction_and_differ_from_particles(volume):
+    n = 60
+    reference, _, _ = simulate_particles(volume, PIXEL_SIZE, n, seed=4)
+    images, _, particles = simulate_particles(volume, PIXEL_SIZE, n, outlier_fraction=0.25, seed=4)
+    labels = particles[star.OUTLIER].to_numpy()
+    kinds = particles[star.OUTLIER_KIND].to_numpy()
+    assert labels.sum() == 15 and set(np.unique(labels)) == {0, 1}
+    assert set(kinds[labels == 1]) == set(OUTLIER_KINDS)
+    assert all((kinds[labels == 1] == kind).sum() == 3 for kind in OUTLIER_KINDS)
+    assert set(kinds[labels == 0]) == {"none"}
+    np.testing.assert_array_equal(images[labels == 0], reference[labels == 0])  # same poses, same particles
+    for i in np.flatnonzero(labels):
+        correlation = np.corrcoef(images[i].ravel(), reference[i].ravel())[0, 1]
+        assert correlation < 0.95, (kinds[i], correlation)  # a broken particle seen along its cut looks alike
+        assert np.isfinite(images[i]).all() and images[i].std() > 0.1 * reference.std()
+
+
+def test_symmetry_restricts_poses_to_the_asymmetric_unit(volume):
+    _, _, particles = simulate_particles(volume, PIXEL_SIZE, 50, symmetry="D2", ctf=False, seed=5)
+    quaternions = true_quaternions(particles)
+    reduced = geometry.reduce_to_asymmetric_unit(quaternions, "D2")
+    np.testing.assert_allclose(geometry.geodesic_distance(quaternions, reduced), 0.0, atol=1e-4)
+    _, _, unrestricted = simulate_particles(volume, PIXEL_SIZE, 50, ctf=False, seed=5)
+    free = true_quaternions(unrestricted)
+    moved = geometry.geodesic_distance(free, geometry.reduce_to_asymmetric_unit(free, "D2"))
+    assert (moved > 1e-3).mean() > 0.5  # uniform poses mostly lie outside one quarter of SO(3)
+
+
+def test_a_seed_reproduces_everything_and_chunks_do_not_matter(volume, tmp_path):
+    options = dict(snr=1.0, shift_px=2.0, outlier_fraction=0.3, seed=6)
+    first = simulate_particles(volume, PIXEL_SIZE, 20, **options)
+    second = simulate_particles(volume, PIXEL_SIZE, 20, **options)
+    np.testing.assert_array_equal(first.images, second.images)
+    assert first.particles.equals(second.particles)
+    other = simulate_particles(volume, PIXEL_SIZE, 20, **{**options, "seed": 7})
+    assert not np.allclose(first.images, other.images)
+    write_simulation(tmp_path / "sim", volume, PIXEL_SIZE, 20, chunk_size=7, **options)
+    with mrcfile.open(tmp_path / "sim" / "particles.mrcs") as mrc:
+        np.testing.assert_allclose(mrc.data, first.images, atol=1e-5 * np.abs(first.images).max())
+
+
+def test_written_files_read_back_as_relion_31(volume, tmp_path):
+    out = tmp_path / "sim"
+    sim = simulate_particles(volume, PIXEL_SIZE, 10, snr=1.0, outlier_fraction=0.2, seed=8)
+    write_simulation(out, volume, PIXEL_SIZE, 10, snr=1.0, outlier_fraction=0.2, seed=8)
+    assert sorted(p.name for p in out.iterdir()) == ["particles.mrcs", "particles.star", "volume.mrc"]
+    blocks = starfile.read(out / "particles.star", always_dict=True)
+    assert list(blocks) == ["optics", "particles"]
+    optics, particles = blocks["optics"], blocks["particles"]
+    assert optics[star.VOLTAGE][0] == 300 and optics[star.CS][0] == 2.7
+    assert optics[star.AMPLITUDE_CONTRAST][0] == 0.1 and optics[star.IMAGE_SIZE][0] == SIZE
+    assert optics[star.IMAGE_PIXEL_SIZE][0] == PIXEL_SIZE
+    assert particles[star.IMAGE_NAME].tolist() == [f"{i:06d}@particles.mrcs" for i in range(1, 11)]
+    np.testing.assert_allclose(particles[list(star.ANGLES)], sim.particles[list(star.ANGLES)], atol=1e-5)
+    assert particles[star.OUTLIER].sum() == 2
+    with mrcfile.open(out / "volume.mrc") as mrc:
+        np.testing.assert_allclose(mrc.data, volume, rtol=1e-6)
+        assert mrc.voxel_size.x == pytest.approx(PIXEL_SIZE)
+    with mrcfile.open(out / "particles.mrcs") as mrc:
+        assert mrc.data.shape == (10, SIZE, SIZE) and mrc.voxel_size.x == pytest.approx(PIXEL_SIZE)
+
+
+def test_a_failure_while_writing_leaves_nothing(volume, tmp_path, monkeypatch):
+    from cryo_forum import simulate
+
+    def fail_on_second_chunk(self, index):
+        if index[0] > 0:
+            raise RuntimeError("disk full")
+        return np.zeros((len(index), SIZE, SIZE), np.float32)
+
+    monkeypatch.setattr(simulate.ParticleRenderer, "render", fail_on_second_chunk)
+    with pytest.raises(RuntimeError):
+        write_simulation(tmp_path / "sim", volume, PIXEL_SIZE, 10, chunk_size=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_write_over_its_input(volume, tmp_path):
+    source = tmp_path / "volume.mrc"
+    source.write_bytes(b"input")
+    with pytest.raises(CryoForumError, match="overwrite"):
+        write_simulation(tmp_path, volume, PIXEL_SIZE, 2, inputs=(source,))
+    assert source.read_bytes() == b"input"
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_writes_exactly_the_three_files(tmp_path):
+    out = tmp_path / "sim"
+    argv = ["simulate", "--volume", str(example_map_path()), "--n", "12", "--size", "32", "--apix", "3"]
+    argv += ["--snr", "1", "--outliers", "0.25", "--shift-px", "2", "--defocus-range", "8000", "12000"]
+    assert cli.main([*argv, "--seed", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["particles.mrcs", "particles.star", "volume.mrc"]
+    blocks = starfile.read(out / "particles.star", always_dict=True)
+    assert blocks["optics"][star.IMAGE_SIZE][0] == 32 and blocks["optics"][star.IMAGE_PIXEL_SIZE][0] == 3.0
+    assert len(blocks["particles"]) == 12 and blocks["particles"][star.OUTLIER].sum() == 3
+    assert blocks["particles"][star.DEFOCUS_V].min() >= 8000 - 500
+
+
+def test_cli_model_input_gives_the_same_map_as_the_shipped_example(tmp_path):
+    argv = ["simulate", "--n", "4", "--size", "32", "--apix", "3", "--no-ctf"]
+    assert cli.main([*argv, "--model", str(example_model_path()), "--out", str(tmp_path / "model")]) == 0
+    assert cli.main([*argv, "--volume", str(example_map_path()), "--out", str(tmp_path / "map")]) == 0
+    blocks = starfile.read(tmp_path / "model" / "particles.star", always_dict=True)
+    assert star.DEFOCUS_U not in blocks["particles"]  # --no-ctf
+    with mrcfile.open(tmp_path / "model" / "volume.mrc") as a, mrcfile.open(tmp_path / "map" / "volume.mrc") as b:
+        assert np.corrcoef(a.data.ravel(), b.data.ravel())[0, 1] > 0.98
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--n", "0"], "--n"),
+        (["--size", "-4"], "--size"),
+        (["--snr", "0"], "--snr"),
+        (["--outliers", "1.5"], "--outliers"),
+        (["--outliers", "-0.1"], "--outliers"),
+        (["--symmetry", "X7"], "--symmetry"),
+        (["--apix", "0"], "--apix"),
+        (["--defocus-range", "20000", "10000"], "--defocus-range"),
+        (["--outlier-kinds", "noise,gremlins"], "--outlier-kinds"),
+        (["--volume", "missing.mrc"], "missing.mrc"),
+    ],
+)
+def test_cli_bad_options_fail_with_one_line_and_write_nothing(tmp_path, capsys, change, named):
+    options = {"--volume": [str(example_map_path())], "--n": ["4"], "--size": ["32"]}
+    options[change[0]] = change[1:]
+    argv = ["simulate", *[part for key, values in options.items() for part in (key, *values)]]
+    assert cli.main([*argv, "--out", str(tmp_path / "sim")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and named in error
+    assert list(tmp_path.iterdir()) == []
