@@ -52,3 +52,131 @@ def fourier_crop(images: np.ndarray, new_size: int) -> np.ndarray:
     cropped = spectra[..., start : start + new_size, start : start + new_size]
     out = ifft2_centered(cropped).real * (new_size / size) ** 2
     return out.astype(images.dtype if np.issubdtype(images.dtype, np.floating) else np.float32)
+
+
+def fourier_crop_and_filter(images: np.ndarray, new_size: int, multiplier: np.ndarray) -> np.ndarray:
+    """:func:`fourier_crop` with the kept spectrum multiplied by a real filter (e.g. sign(CTF)) on the way.
+
+    images [..., D, D]; multiplier [..., new_size, new_size] (broadcasts) on the unshifted FFT grid of the
+    cropped image (``numpy.fft.fftfreq`` order, as :func:`cryo_forum.ctf.compute_ctf` returns it, with the
+    cropped pixel size). This equals filtering at the full size with the same filter values at the same
+    physical frequencies and cropping afterwards, but evaluates the filter only on the small grid.
+    """
+    images = np.asarray(images)
+    size = images.shape[-1]
+    if new_size > size:
+        raise ValueError(f"cannot Fourier-crop {size} px images to a larger size {new_size}")
+    dtype = _working_dtype(images)
+    start = size // 2 - new_size // 2
+    spectra = fft2_centered(images.astype(dtype, copy=False))
+    cropped = spectra[..., start : start + new_size, start : start + new_size]
+    cropped = cropped * np.fft.fftshift(np.asarray(multiplier, dtype=dtype), axes=(-2, -1))
+    return (ifft2_centered(cropped).real * (new_size / size) ** 2).astype(dtype, copy=False)
+
+
+def _working_dtype(images: np.ndarray) -> np.dtype:
+    """float32 or float64 to compute in: single precision stays single (numpy FFTs keep it), ints -> float32."""
+    return np.dtype(np.float64 if images.dtype == np.float64 else np.float32)
+
+
+def _quarter_turns(images: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """Rotate the content of images [N, D, D] by turns[n] * 90 degrees about pixel D // 2 (exact, periodic)."""
+    size = images.shape[-1]
+    centre = size // 2
+    v, u = np.indices((size, size)) - centre
+    out = images.copy()
+    for turn in (1, 2, 3):
+        chosen = turns == turn
+        if not chosen.any():
+            continue
+        cos, sin = ((0, 1), (-1, 0), (0, -1))[turn - 1]
+        source_x = (centre + cos * u + sin * v) % size  # Rz(-alpha) (p - c) + c
+        source_y = (centre - sin * u + cos * v) % size
+        out[chosen] = images[chosen][:, source_y, source_x]
+    return out
+
+
+def _shear(images: np.ndarray, shifts: np.ndarray, axis: int) -> np.ndarray:
+    """Move each line of images [N, A, B] along ``axis`` (-1: rows, -2: columns) by shifts [N, lines] pixels.
+
+    The line length must be odd: without a Nyquist term the Fourier shift is exactly unitary and real.
+    """
+    length = images.shape[axis]
+    spectra = np.fft.rfft(images, axis=axis)
+    freqs = np.fft.rfftfreq(length).astype(images.dtype)
+    ramp_arg = shifts.astype(images.dtype)[:, :, None] * freqs  # [N, lines, frequencies]
+    if axis == -2:
+        ramp_arg = np.swapaxes(ramp_arg, -1, -2)
+    return np.fft.irfft(spectra * np.exp(ramp_arg * images.dtype.type(-2.0 * np.pi) * 1j), n=length, axis=axis)
+
+
+def _odd_fast_length(minimum: int) -> int:
+    """The smallest odd length >= minimum whose only prime factors are 3, 5, 7 and 11 (fast FFTs)."""
+    length = minimum if minimum % 2 else minimum + 1
+    while True:
+        rest = length
+        for prime in (3, 5, 7, 11):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return length
+        length += 2
+
+
+def _rotate_by_shears(images: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Rotate images [N, D, D] by angles [N] (|angle| <= pi/4) with three Fourier shears on a padded grid.
+
+    ``R(a) = Sx(-tan(a/2)) Sy(sin a) Sx(-tan(a/2))``. Every intermediate point of the D x D square stays
+    within sqrt(2) D / 2 of the centre for |a| <= pi/4, so an odd padded length of about 1.45 D or more
+    avoids wrap-around. Only the D rows holding content enter the first shear and only the D output rows
+    leave the last one.
+    """
+    size = images.shape[-1]
+    centre = size // 2
+    padded = _odd_fast_length(2 * int(np.ceil(0.72 * size)) + 3)
+    offset = padded // 2 - centre
+    tan_half = -np.tan(angles / 2.0)[:, None]
+    line = np.arange(size) - centre  # rows of the input and of the output
+    padded_line = np.arange(padded) - padded // 2  # columns of the padded grid
+
+    wide = np.zeros((len(images), size, padded), dtype=images.dtype)
+    wide[:, :, offset : offset + size] = images
+    wide = _shear(wide, tan_half * line, axis=-1)
+    tall = np.zeros((len(images), padded, padded), dtype=images.dtype)
+    tall[:, offset : offset + size] = wide
+    tall = _shear(tall, np.sin(angles)[:, None] * padded_line, axis=-2)
+    rows = _shear(tall[:, offset : offset + size], tan_half * line, axis=-1)
+    return rows[:, :, offset : offset + size]
+
+
+def rotate_images(images: np.ndarray, angles_rad: np.ndarray) -> np.ndarray:
+    """Rotate image content by +alpha about pixel D // 2 without smoothing it (exact in-plane augmentation).
+
+    images [N, D, D] (or [D, D]); angles_rad [N] (or a scalar). In the (x = column, y = row) frame the result
+    is ``out(p) = in(Rz(-alpha) (p - c) + c)``: a projection at psi becomes the projection at psi - alpha, and
+    a pose quaternion R becomes R Rz(-alpha). ``scipy.ndimage.rotate(img, +alpha)`` turns the other way.
+
+    Whole quarter turns are exact pixel permutations; the rest (|angle| <= 45 degrees) is applied as three
+    shears with Fourier phase ramps on a zero-padded odd grid (Larkin/Unser sinc interpolation), which is
+    unitary, so white noise keeps its power instead of being low-passed as by spline interpolation, and
+    rotating by -alpha undoes rotating by +alpha. Content moved out of the box is lost and the corners
+    come in as zero. Cost: three pairs of 1-D FFT passes, the largest over about (1.5 D)^2 pixels.
+    """
+    images = np.asarray(images)
+    if images.ndim not in (2, 3) or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"rotate_images needs square images [N, D, D] or [D, D], got shape {images.shape}")
+    dtype = _working_dtype(images)
+    batch = images.reshape(-1, *images.shape[-2:]).astype(dtype, copy=False)
+    angles = np.broadcast_to(np.asarray(angles_rad, dtype=np.float64), (len(batch),))
+    turns = np.round(angles / (np.pi / 2.0))
+    residual = angles - turns * (np.pi / 2.0)
+    turns = turns.astype(np.int64) % 4
+    # Quarter turns commute with a true rotation but not with how the shears fold the spectrum's corners:
+    # turning first for positive and last for negative angles makes -alpha the exact inverse of +alpha.
+    positive = angles >= 0
+    out = _quarter_turns(batch, np.where(positive, turns, 0))
+    moving = residual != 0.0
+    if moving.any():
+        out[moving] = _rotate_by_shears(out[moving], residual[moving])
+    out = _quarter_turns(out, np.where(positive, 0, turns))
+    return out.reshape(images.shape)
