@@ -301,6 +301,55 @@ def ice_image(canvas: int, box: int, rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------- rendering
 
 
+def stream_rng(seed: int, *stream: int) -> np.random.Generator:
+    """The generator of one named stream (``_TABLE_STREAM``, ...) of a simulation seed."""
+    return np.random.default_rng([int(seed), *stream])
+
+
+def variant_projectors(volume: np.ndarray, seed: int, kinds) -> dict[str, list[FourierProjector]]:
+    """Projectors of the outlier maps among ``kinds``: VARIANTS_PER_KIND decoy molecules and broken maps each."""
+    variants: dict[str, list[FourierProjector]] = {}
+    for number, (kind, build) in enumerate((("decoy", decoy_volume), ("broken", broken_volume))):
+        if kind in kinds:
+            variants[kind] = [
+                FourierProjector(build(volume, stream_rng(seed, _VARIANT_STREAM, number, k)))
+                for k in range(VARIANTS_PER_KIND)
+            ]
+    return variants
+
+
+def apply_ctf(
+    images: np.ndarray, pixel_size: float, settings: SimulationSettings, draws: ParticleDraws, index: np.ndarray
+) -> np.ndarray:
+    """Multiply images [m, S, S] by the CTF of particles ``index`` (nothing when the CTF is off)."""
+    if not settings.ctf or len(images) == 0:
+        return images
+    ctf = compute_ctf(
+        images.shape[-1],
+        pixel_size,
+        draws.defocus_u[index],
+        draws.defocus_v[index],
+        draws.defocus_angle[index],
+        settings.voltage,
+        settings.cs,
+        settings.amplitude_contrast,
+        draws.bfactor[index],
+        rfft=True,
+    )
+    return np.fft.irfft2(np.fft.rfft2(images) * ctf, s=images.shape[-2:])
+
+
+def noise_levels(projector: FourierProjector, pixel_size: float, settings: SimulationSettings) -> tuple[float, float]:
+    """(signal std, noise std) of a data set: the signal's from PILOT_PARTICLES pilot particles drawn from the
+    seed like the real ones (CTF-filtered, centred), the noise's from it and ``snr`` (0 without noise)."""
+    pilot = draw_particles(settings, stream_rng(settings.seed, _PILOT_STREAM), n=PILOT_PARTICLES)
+    clean = apply_ctf(
+        projector.project_numpy(pilot.quaternions), pixel_size, settings, pilot, np.arange(PILOT_PARTICLES)
+    )
+    signal_std = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2)))))
+    return signal_std, 0.0 if settings.snr is None else signal_std / np.sqrt(settings.snr)
+
+
 class ParticleRenderer:
     """Renders any subset of the particles of one simulation (cubic map [D, D, D] -> images [m, D, D]).
 
@@ -317,39 +366,8 @@ class ParticleRenderer:
         self.settings = settings
         self.draws = draws
         self.projector = FourierProjector(self.volume)
-        kinds = set(draws.kinds)
-        self.variants: dict[str, list[FourierProjector]] = {}
-        for number, (kind, build) in enumerate((("decoy", decoy_volume), ("broken", broken_volume))):
-            if kind in kinds:
-                self.variants[kind] = [
-                    FourierProjector(build(self.volume, self._rng(_VARIANT_STREAM, number, k)))
-                    for k in range(VARIANTS_PER_KIND)
-                ]
-        pilot = draw_particles(settings, self._rng(_PILOT_STREAM), n=PILOT_PARTICLES)
-        clean = self._transfer(self.projector.project_numpy(pilot.quaternions), pilot, np.arange(PILOT_PARTICLES))
-        self.signal_std = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2)))))
-        self.noise_std = 0.0 if settings.snr is None else self.signal_std / np.sqrt(settings.snr)
-
-    def _rng(self, *stream: int) -> np.random.Generator:
-        return np.random.default_rng([int(self.settings.seed), *stream])
-
-    def _transfer(self, images: np.ndarray, draws: ParticleDraws, index: np.ndarray) -> np.ndarray:
-        """Multiply images [m, S, S] by the CTF of particles ``index`` (nothing when the CTF is off)."""
-        if not self.settings.ctf or len(images) == 0:
-            return images
-        ctf = compute_ctf(
-            images.shape[-1],
-            self.pixel_size,
-            draws.defocus_u[index],
-            draws.defocus_v[index],
-            draws.defocus_angle[index],
-            self.settings.voltage,
-            self.settings.cs,
-            self.settings.amplitude_contrast,
-            draws.bfactor[index],
-            rfft=True,
-        )
-        return np.fft.irfft2(np.fft.rfft2(images) * ctf, s=images.shape[-2:])
+        self.variants = variant_projectors(self.volume, settings.seed, set(draws.kinds))
+        self.signal_std, self.noise_std = noise_levels(self.projector, self.pixel_size, settings)
 
     def _project(self, kinds: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Centred, noise-free projections [m, D, D] of the map (or its outlier variants); zeros for the rest."""
@@ -378,7 +396,7 @@ class ParticleRenderer:
                 canvas[row, start : start + size, start : start + size] = images[row]
                 angle = rngs[row].uniform(0.0, 2.0 * np.pi)
                 shifts[row] += rngs[row].uniform(0.25, 0.4) * size * np.array([np.cos(angle), np.sin(angle)])
-        canvas = self._transfer(translate_images(canvas, shifts), self.draws, index)
+        canvas = apply_ctf(translate_images(canvas, shifts), self.pixel_size, self.settings, self.draws, index)
         out = canvas[:, start : start + size, start : start + size]
         for row in np.flatnonzero(kinds == "ice"):  # contrast relative to particles, after the CTF's high-pass
             out[row] *= rngs[row].uniform(1.0, 3.0) * self.signal_std / max(out[row].std(), 1e-12)
@@ -388,13 +406,13 @@ class ParticleRenderer:
         """Images of particles ``index`` (ints in [0, n)) as float32 [m, D, D]."""
         index = np.asarray(index, dtype=np.int64)
         kinds = self.draws.kinds[index]
-        rngs = [self._rng(_IMAGE_STREAM, int(i)) for i in index]
+        rngs = [stream_rng(self.settings.seed, _IMAGE_STREAM, int(i)) for i in index]
         images = self._project(kinds, index)
         beyond = np.isin(kinds, ("off_centre", "ice"))
         inside = ~beyond
         if inside.any():
             moved = translate_images(images[inside], -self.draws.origins_px[index[inside]])
-            images[inside] = self._transfer(moved, self.draws, index[inside])
+            images[inside] = apply_ctf(moved, self.pixel_size, self.settings, self.draws, index[inside])
         if beyond.any():
             images[beyond] = self._render_beyond_box(
                 images[beyond], kinds[beyond], index[beyond], [rngs[row] for row in np.flatnonzero(beyond)]
@@ -419,16 +437,22 @@ class SimulatedParticles(NamedTuple):
     particles: pd.DataFrame
 
 
-def _prepare(volume: np.ndarray, pixel_size: float, size: int | None, options: dict):
-    settings = SimulationSettings(**options)
-    settings.validate()
+def boxed_volume(volume: np.ndarray, pixel_size: float, size: int | None = None) -> np.ndarray:
+    """The map [z, y, x] as simulated: float64 [D, D, D], padded or cropped about voxel D // 2 to ``size``."""
     volume = np.asarray(volume, dtype=np.float64)
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D [z, y, x], got shape {volume.shape}")
     size = volume.shape[0] if size is None else int(size)
     if volume.shape != (size,) * 3:
         volume = resample_volume(volume, pixel_size, pixel_size, size, center=False).astype(np.float64)
-    draws = draw_particles(settings, np.random.default_rng([int(settings.seed), _TABLE_STREAM]))
+    return volume
+
+
+def _prepare(volume: np.ndarray, pixel_size: float, size: int | None, options: dict):
+    settings = SimulationSettings(**options)
+    settings.validate()
+    volume = boxed_volume(volume, pixel_size, size)
+    draws = draw_particles(settings, stream_rng(settings.seed, _TABLE_STREAM))
     return settings, volume, draws
 
 
