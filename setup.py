@@ -25,6 +25,7 @@ setup(
         "gemmi>=0.6",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "tensorboard>=2.16",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],

@@ -50,3 +50,30 @@ def particle_montage(
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png")
     return Path(path)
+
+
+def error_histogram(errors_deg: np.ndarray, path: str | Path, title: str | None = None) -> Path:
+    """Save the distribution of pose errors (degrees) as a histogram with its cumulative curve."""
+    from matplotlib.figure import Figure
+
+    errors_deg = np.asarray(errors_deg, dtype=np.float64)
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    axis = figure.subplots()
+    axis.hist(errors_deg, bins=np.linspace(0, 180, 91), color="tab:blue", alpha=0.8)
+    axis.set_xlabel("pose error (degrees)")
+    axis.set_ylabel("particles")
+    axis.set_xlim(0, 180)
+    cumulative = axis.twinx()
+    ordered = np.sort(errors_deg)
+    cumulative.plot(ordered, np.arange(1, len(ordered) + 1) / max(len(ordered), 1), color="tab:red")
+    cumulative.set_ylabel("fraction at or below", color="tab:red")
+    cumulative.set_ylim(0, 1)
+    median = float(np.median(errors_deg)) if len(errors_deg) else float("nan")
+    axis.axvline(median, color="black", linestyle="--", label=f"median {median:.1f} deg")
+    axis.legend(loc="center right")
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(path)

@@ -20,7 +20,6 @@ def _import_quietly():
         import keras
         import tensorflow
 
-        tensorflow.zeros(1)  # the first op initialises the runtime, which prints too
     finally:
         os.dup2(saved, 2)
         os.close(devnull)

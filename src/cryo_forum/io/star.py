@@ -56,6 +56,8 @@ OUTLIER = "cfIsOutlier"  # 0/1
 OUTLIER_KIND = "cfOutlierKind"
 DISPERSION_TRACE = "cfDispersionTrace"
 EIGEN_GAP = "cfEigenGap"
+MAX_DISPERSION = "cfMaxDispersion"
+EIGENVALUES = ("cfEigenvalue1", "cfEigenvalue2", "cfEigenvalue3", "cfEigenvalue4")  # ascending
 
 ANGLES = (ANGLE_ROT, ANGLE_TILT, ANGLE_PSI)
 

@@ -1,0 +1,66 @@
+"""Predict the orientation and its uncertainty for every particle of a STAR (or cryoSPARC .cs) file.
+
+Writes a STAR file that keeps every input block and column, with the predicted rlnAngleRot/Tilt/Psi
+(degrees) and uncertainty columns: _cfDispersionTrace, _cfMaxDispersion (larger = less sure),
+_cfEigenGap (larger = surer) and the four eigenvalues. Images are read and predicted in batches,
+so memory does not grow with the stack.
+
+Example:
+  cryo-forum predict --model run1 --star particles.star --out predicted.star --subset test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cryo_forum.errors import CryoForumError
+
+SUBSETS = ("all", "train", "val", "test")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, metavar="RUN", help="a cryo-forum run folder")
+    parser.add_argument("--star", type=Path, required=True, help="particles (.star or .cs)")
+    parser.add_argument("--out", type=Path, required=True, help="output STAR file")
+    parser.add_argument("--subset", choices=SUBSETS, default="all", help="particles of the run's split (default all)")
+    parser.add_argument("--datadir", type=Path, help="folder to look for particle stacks in")
+    parser.add_argument("--batch-size", type=int, default=256)
+
+
+def subset_indices(run: Path, subset: str, particles) -> np.ndarray | None:
+    """Indices of ``subset`` from RUN/split.json (None for all); checks the split belongs to these particles."""
+    from cryo_forum.pipeline import load_split
+
+    if subset == "all":
+        return None
+    split_path = run / "split.json"
+    if json.loads(split_path.read_text()).get("mode") == "map":
+        raise CryoForumError(
+            f"--subset {subset}: {run} was trained from a map; predict its fixed sets with --star {run / subset}/"
+            "particles.star"
+        )
+    return load_split(split_path, particles)[subset]
+
+
+def main(args: argparse.Namespace) -> int:
+    from cryo_forum.io.atomic import refuse_overwriting_inputs
+    from cryo_forum.io.particles import ParticleSet
+    from cryo_forum.prediction import predict_particles, preprocessor_for
+    from cryo_forum.training import load_run
+
+    if args.batch_size < 1:
+        raise CryoForumError(f"--batch-size: must be positive, got {args.batch_size}")
+    refuse_overwriting_inputs(args.out, [args.star])
+    model, _, trained_preprocessor = load_run(args.model)
+    particles = ParticleSet.open(args.star, datadir=args.datadir)
+    particles.validate()
+    indices = subset_indices(args.model, args.subset, particles)
+    preprocessor = preprocessor_for(particles, trained_preprocessor)
+    table = predict_particles(model, particles, preprocessor, indices, batch_size=args.batch_size)
+    particles.write_star(args.out, columns=table, keep=indices)
+    print(f"predicted {len(table)} particles -> {args.out}")
+    return 0

@@ -1,0 +1,212 @@
+"""The orientation estimator: encoder + rotation head, trained by pairwise distance matching and a direct loss.
+
+One encoder pass over a batch of B images gives B poses and so B(B-1)/2 pairs for the distance loss (the
+original ran a two-branch Siamese network per pair). The loss is
+``w_dist * mean |d_pred - d_true| + w_direct * direct pose loss``; the weights are non-trainable variables
+that :class:`LossWeightScheduler` sets at the start of every epoch from a :class:`~cryo_forum.losses.LossSchedule`.
+Labelled outliers (target ``"outlier" == 1``) take part in no pose loss. Validation reports the mean and median
+pose error in degrees (symmetric when a point group is set).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cryo_forum.encoders import build_encoder
+from cryo_forum.geometry import normalise_symmetry_name, symmetry_quaternions
+from cryo_forum.heads import build_head
+from cryo_forum.losses import LossSchedule, pairwise_distance_loss, pose_errors
+from cryo_forum.tensorflow_quiet import keras, tf
+
+
+@keras.saving.register_keras_serializable(package="cryo_forum")
+class MedianAngle(keras.metrics.Metric):
+    """Median of angles in degrees over everything seen, from a histogram (``resolution`` degrees per bin).
+
+    A histogram sums across replicas and batches, so the median is exact to one bin under any
+    tf.distribute strategy without keeping every error in memory.
+    """
+
+    def __init__(self, resolution: float = 0.1, name: str = "median_error_deg", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.resolution = float(resolution)
+        self.bins = math.ceil(180.0 / self.resolution)
+        self.counts = self.add_variable(shape=(self.bins,), initializer="zeros", name="counts", aggregation="sum")
+
+    def update_state(self, angles_deg, sample_weight=None):
+        angles_deg = tf.reshape(tf.cast(angles_deg, tf.float32), [-1])
+        weights = (
+            tf.ones_like(angles_deg) if sample_weight is None else tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+        )
+        index = tf.clip_by_value(tf.cast(angles_deg / self.resolution, tf.int32), 0, self.bins - 1)
+        self.counts.assign_add(tf.math.unsorted_segment_sum(weights, index, self.bins))
+
+    def result(self):
+        cumulative = tf.cumsum(self.counts)
+        half = 0.5 * cumulative[-1]
+        first = tf.argmax(tf.cast(cumulative >= half, tf.int32))
+        return tf.where(cumulative[-1] > 0, (tf.cast(first, tf.float32) + 0.5) * self.resolution, float("nan"))
+
+    def reset_state(self):
+        self.counts.assign(tf.zeros_like(self.counts))
+
+    def get_config(self):
+        return {**super().get_config(), "resolution": self.resolution}
+
+
+@keras.saving.register_keras_serializable(package="cryo_forum")
+class OrientationEstimator(keras.Model):
+    """Preprocessed particle images [B, S, S, 1] -> {"quaternion": [B, 4], "eigenvalues": [B, 4] (qcqp head)}.
+
+    Args:
+        encoder: keyword arguments of :func:`cryo_forum.encoders.build_encoder` (``name``, ``image_size``,
+            ``pooling``, ``lowpass``, ``widths``, ``dropout`` and the encoder's own options).
+        head: rotation head name (qcqp, quaternion, 6d, 9d); head_options: its keyword arguments.
+        symmetry: point group of the particle; distances and errors are then symmetric.
+        direct_loss: "geodesic" or "chordal"; pair_weighting: "none", "density" or "histogram".
+    """
+
+    def __init__(
+        self,
+        encoder: dict,
+        head: str = "qcqp",
+        head_options: dict | None = None,
+        symmetry: str = "C1",
+        direct_loss: str = "geodesic",
+        pair_weighting: str = "none",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.encoder_options = dict(encoder)
+        self.head_name = str(head).lower()
+        self.head_options = dict(head_options or {})
+        self.symmetry = normalise_symmetry_name(symmetry)
+        self.direct_loss = direct_loss
+        self.pair_weighting = pair_weighting
+        self.encoder = build_encoder(**self.encoder_options)
+        self.head = build_head(self.head_name, name="head", **self.head_options)
+        group = symmetry_quaternions(self.symmetry)
+        self.group = None if len(group) == 1 else group
+        self.distance_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="distance_weight")
+        self.direct_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="direct_weight")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.distance_tracker = keras.metrics.Mean(name="distance_loss")
+        self.direct_tracker = keras.metrics.Mean(name="direct_loss")
+        self.mean_error = keras.metrics.Mean(name="mean_error_deg")
+        self.median_error = MedianAngle(name="median_error_deg")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.encoder_options.get("image_size", 64))
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return self.head_name == "qcqp"
+
+    def build(self, input_shape):
+        self.encoder.build(input_shape)
+        self.head.build((None, self.encoder.feature_dim))
+        self.built = True
+
+    def call(self, images, training=False):
+        return self.head(self.encoder(images, training=training))
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.distance_tracker, self.direct_tracker, self.mean_error, self.median_error]
+
+    def set_loss_weights(self, distance: float, direct: float) -> None:
+        """Set (w_dist, w_direct); :class:`LossWeightScheduler` calls this every epoch."""
+        self.distance_weight.assign(float(distance))
+        self.direct_weight.assign(float(direct))
+
+    def _pose_losses(self, outputs, targets):
+        q_pred = outputs["quaternion"]
+        q_true = tf.cast(targets["quaternion"], q_pred.dtype)
+        inlier = 1.0 - tf.cast(targets["outlier"], q_pred.dtype)
+        distance = pairwise_distance_loss(q_pred, q_true, self.group, self.pair_weighting, sample_mask=inlier)
+        per_particle = pose_errors(q_pred, q_true, self.group, self.direct_loss)
+        direct = tf.math.divide_no_nan(tf.reduce_sum(per_particle * inlier), tf.reduce_sum(inlier))
+        total = self.distance_weight * distance + self.direct_weight * direct
+        if self.losses:
+            total = total + tf.add_n(self.losses)
+        return total, distance, direct, inlier
+
+    def _update_metrics(self, outputs, targets, total, distance, direct, inlier):
+        self.loss_tracker.update_state(total)
+        self.distance_tracker.update_state(distance)
+        self.direct_tracker.update_state(direct)
+        errors = pose_errors(outputs["quaternion"], targets["quaternion"], self.group, "geodesic") * (180.0 / math.pi)
+        self.mean_error.update_state(errors, sample_weight=inlier)
+        self.median_error.update_state(errors, sample_weight=inlier)
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        if isinstance(self._distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3 reduces multi-worker step outputs with reduce("MEAN", axis=0), which needs a batch axis.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def train_step(self, data):
+        images, targets = data
+        with tf.GradientTape() as tape:
+            outputs = self(images, training=True)
+            total, distance, direct, inlier = self._pose_losses(outputs, targets)
+            scaled = self.optimizer.scale_loss(total)
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self._update_metrics(outputs, targets, total, distance, direct, inlier)
+
+    def test_step(self, data):
+        images, targets = data
+        outputs = self(images, training=False)
+        total, distance, direct, inlier = self._pose_losses(outputs, targets)
+        return self._update_metrics(outputs, targets, total, distance, direct, inlier)
+
+    def predict_step(self, data):
+        images = data[0] if isinstance(data, tuple) else data
+        return self(images, training=False)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3 builds a distributed model from its first batch reduced with strategy.reduce, which
+        # MultiWorkerMirroredStrategy cannot apply to a nested (images, targets) batch. Build from this
+        # worker's first replica's batch instead; the model is built already, only the trackers need it.
+        strategy = self._distribute_strategy
+        if iterator is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            first = next(batches)
+            break
+        local = tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], first)
+        return super()._maybe_symbolic_build(data_batch=local)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "encoder": self.encoder_options,
+            "head": self.head_name,
+            "head_options": self.head_options,
+            "symmetry": self.symmetry,
+            "direct_loss": self.direct_loss,
+            "pair_weighting": self.pair_weighting,
+        }
+
+
+class LossWeightScheduler(keras.callbacks.Callback):
+    """Sets the model's (w_dist, w_direct) from a LossSchedule at the start of every epoch (also after resume)."""
+
+    def __init__(self, schedule: LossSchedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.set_loss_weights(*self.schedule(epoch))
+
+
+def predict_arrays(model: OrientationEstimator, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Quaternions [N, 4] (and eigenvalues [N, 4] for the qcqp head) for preprocessed images [N, S, S(, 1)]."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    outputs = [model(images[start : start + batch_size], training=False) for start in range(0, len(images), batch_size)]
+    return {key: np.concatenate([np.asarray(out[key]) for out in outputs]) for key in outputs[0]}

@@ -1,0 +1,78 @@
+"""Poses and uncertainties for every particle of a set, in batches, memory flat in the stack's size.
+
+The result is a table with RELION's angle columns (degrees) and cryo-forum's uncertainty columns, ready
+for :meth:`cryo_forum.io.particles.ParticleSet.write_star`: every input column is kept, the predicted
+angles replace ``rlnAngleRot/Tilt/Psi``, and ``_cf*`` columns carry the uncertainty (larger = less sure).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+
+from cryo_forum import uncertainty
+from cryo_forum.geometry import quaternion_to_euler
+from cryo_forum.io import star
+from cryo_forum.io.particles import ParticleSet
+from cryo_forum.model import OrientationEstimator
+from cryo_forum.pipeline import prediction_batches
+from cryo_forum.preprocess import Preprocessor
+
+
+def preprocessor_for(particles: ParticleSet, trained: Preprocessor) -> Preprocessor:
+    """The run's preprocessing applied to this set's box and pixel size (the network's input size is fixed).
+
+    Warns on stderr when the resulting pixel size differs from the training one by more than 2 %.
+    """
+    values = trained.to_dict()
+    values.update(pixel_size_in=particles.pixel_size, input_size=particles.box_size)
+    adapted = Preprocessor.from_dict(values)
+    if abs(adapted.output_pixel_size / trained.output_pixel_size - 1.0) > 0.02:
+        print(
+            f"warning: {particles.source} gives {adapted.output_pixel_size:.2f} A/px at {adapted.image_size} px, "
+            f"the model was trained at {trained.output_pixel_size:.2f} A/px",
+            file=sys.stderr,
+        )
+    return adapted
+
+
+def predict_particles(
+    model: OrientationEstimator,
+    particles: ParticleSet,
+    preprocessor: Preprocessor,
+    indices: np.ndarray | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Predicted angles and uncertainty scores for ``indices`` (default: all), one row per particle."""
+    from tqdm import tqdm
+
+    indices = np.arange(len(particles)) if indices is None else np.asarray(indices)
+    quaternions = np.zeros((len(indices), 4))
+    eigenvalues = np.full((len(indices), 4), np.nan)
+    position = {int(index): row for row, index in enumerate(indices)}
+    dataset = prediction_batches(particles, preprocessor, batch_size, indices=indices)
+    with tqdm(total=len(indices), unit="particle", file=sys.stderr, disable=not progress) as bar:
+        for batch_indices, images in dataset:
+            outputs = model(images, training=False)
+            rows = [position[int(i)] for i in batch_indices.numpy()]
+            quaternions[rows] = outputs["quaternion"].numpy()
+            if "eigenvalues" in outputs:
+                eigenvalues[rows] = outputs["eigenvalues"].numpy()
+            bar.update(len(rows))
+    return prediction_table(quaternions, eigenvalues)
+
+
+def prediction_table(quaternions: np.ndarray, eigenvalues: np.ndarray) -> pd.DataFrame:
+    """Quaternions [N, 4] and eigenvalues [N, 4] (NaN for heads without them) -> the STAR columns."""
+    euler = quaternion_to_euler(quaternions)
+    table = pd.DataFrame({star.ANGLE_ROT: euler[:, 0], star.ANGLE_TILT: euler[:, 1], star.ANGLE_PSI: euler[:, 2]})
+    if np.isfinite(eigenvalues).all():
+        table[star.DISPERSION_TRACE] = uncertainty.dispersion_trace(eigenvalues)
+        table[star.MAX_DISPERSION] = uncertainty.max_dispersion(eigenvalues)
+        table[star.EIGEN_GAP] = uncertainty.first_eigengap(eigenvalues)
+        for column, values in zip(star.EIGENVALUES, np.sort(eigenvalues, axis=1).T, strict=True):
+            table[column] = values
+    return table
