@@ -165,3 +165,48 @@ def test_sample_mask_drops_every_pair_of_a_masked_particle():
     )
     assert float(wrong) > 0.01
     assert float(masked) == pytest.approx(0.0, abs=1e-3)
+
+
+def _bingham_matrix(mode: np.ndarray, concentrations) -> np.ndarray:
+    """A = sum_i z_i v_i v_i^T with v_0 = mode and v_1..3 completing an orthonormal basis."""
+    basis = np.linalg.svd(mode[None, :])[2]  # rows: mode (up to sign), then its orthogonal complement
+    basis[0] = mode
+    return sum(z * np.outer(v, v) for z, v in zip((0.0, *concentrations), basis, strict=True))
+
+
+def test_bingham_normaliser_matches_integration_on_the_sphere():
+    from cryo_forum.losses import bingham_nll
+
+    rng = np.random.default_rng(3)
+    samples = rng.standard_normal((400000, 4))
+    samples /= np.linalg.norm(samples, axis=1, keepdims=True)
+    mode = np.array([0.0, 0.0, 0.0, 1.0])
+    cases = [([0.0, 0.0, 0.0], 0.01), ([0.5, 1.0, 2.0], 0.4), ([30.0, 60.0, 90.0], 0.1)]
+    for concentrations, tolerance in cases:
+        matrix = _bingham_matrix(mode, concentrations)
+        integral = 2 * np.pi**2 * np.mean(np.exp(-np.einsum("ni,ij,nj->n", samples, matrix, samples)))
+        eigenvalues = np.linalg.eigvalsh(matrix)[None]
+        nll_at_mode = bingham_nll(tf.constant(mode[None]), tf.constant(matrix[None]), tf.constant(eigenvalues))
+        assert float(nll_at_mode[0]) == pytest.approx(np.log(integral), abs=tolerance)
+    sharp = np.array([3e3, 6e3, 9e3])  # Gaussian limit: two antipodal modes of 2 pi^(3/2) / sqrt(prod z) in all
+    matrix = _bingham_matrix(mode, sharp)
+    nll = bingham_nll(tf.constant(mode[None]), tf.constant(matrix[None]), tf.constant(np.linalg.eigvalsh(matrix)[None]))
+    assert float(nll[0]) == pytest.approx(np.log(2 * np.pi**1.5 / np.sqrt(np.prod(sharp))), abs=1e-3)
+
+
+def test_bingham_nll_rewards_sharp_beliefs_for_inliers_and_flat_ones_for_outliers():
+    from cryo_forum.losses import bingham_nll
+
+    mode = g.random_quaternions(1, 4)[0]
+    near = g.quaternion_multiply(mode, Rotation.from_rotvec([0.0, 0.05, 0.0]).as_quat())
+    random_truths = g.random_quaternions(2000, 5)
+
+    def mean_nll(truths, z):
+        matrix = _bingham_matrix(mode, [z, z, z])
+        batch = len(truths)
+        matrices = tf.constant(np.broadcast_to(matrix, (batch, 4, 4)))
+        eigenvalues = tf.constant(np.broadcast_to(np.linalg.eigvalsh(matrix), (batch, 4)))
+        return float(tf.reduce_mean(bingham_nll(tf.constant(truths), matrices, eigenvalues)))
+
+    assert mean_nll(near[None], 200.0) < mean_nll(near[None], 5.0)  # a small error earns a sharp belief
+    assert mean_nll(random_truths, 0.5) < mean_nll(random_truths, 50.0)  # random poses earn a flat one

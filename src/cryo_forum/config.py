@@ -65,6 +65,7 @@ class TrainingConfig:
     direct_weight: float = 1.0
     direct_loss: str = "geodesic"
     pair_weighting: str = "none"
+    uncertainty_weight: float = 0.1  # qcqp head: weight of the Bingham likelihood that calibrates the eigenvalues
     # optimisation
     epochs: int = 20
     batch_size: int = 64

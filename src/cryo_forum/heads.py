@@ -16,7 +16,7 @@ conditioned gradient (TensorFlow's SVD gradient and the trace-based matrix-to-qu
 from __future__ import annotations
 
 from cryo_forum.geometry import canonical_quaternion_tf
-from cryo_forum.layers import QCQPLayer, smallest_eigenvector
+from cryo_forum.layers import QCQPLayer, smallest_eigenvector, vector_to_symmetric_matrix
 from cryo_forum.tensorflow_quiet import keras, tf
 
 
@@ -85,7 +85,10 @@ class RotationHead(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="cryo_forum")
 class QCQPHead(RotationHead):
-    """Dense(10) -> symmetric 4x4 A -> smallest eigenvector and the eigenvalues (see QCQPLayer)."""
+    """Dense(10) -> symmetric 4x4 A -> smallest eigenvector and the eigenvalues (see QCQPLayer).
+
+    Also returns A itself as ``"matrix"`` [B, 4, 4]: the Bingham likelihood (losses.bingham_nll) needs it.
+    """
 
     units = 10
 
@@ -95,7 +98,8 @@ class QCQPHead(RotationHead):
 
     def to_rotation(self, outputs) -> dict:
         quaternion, eigenvalues = self.qcqp(outputs)
-        return {"quaternion": quaternion, "eigenvalues": eigenvalues}
+        matrix = vector_to_symmetric_matrix(outputs, self.qcqp.psd)
+        return {"quaternion": quaternion, "eigenvalues": eigenvalues, "matrix": matrix}
 
     def get_config(self) -> dict:
         return {**super().get_config(), "psd": self.qcqp.psd, "min_gap": self.qcqp.min_gap}

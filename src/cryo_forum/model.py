@@ -2,10 +2,11 @@
 
 One encoder pass over a batch of B images gives B poses and so B(B-1)/2 pairs for the distance loss (the
 original ran a two-branch Siamese network per pair). The loss is
-``w_dist * mean |d_pred - d_true| + w_direct * direct pose loss``; the weights are non-trainable variables
-that :class:`LossWeightScheduler` sets at the start of every epoch from a :class:`~cryo_forum.losses.LossSchedule`.
-Labelled outliers (target ``"outlier" == 1``) take part in no pose loss. Validation reports the mean and median
-pose error in degrees (symmetric when a point group is set).
+``w_dist * mean |d_pred - d_true| + w_direct * direct pose loss + w_unc * Bingham NLL`` (the last only for the
+qcqp head); w_dist and w_direct are non-trainable variables that :class:`LossWeightScheduler` sets at the start
+of every epoch from a :class:`~cryo_forum.losses.LossSchedule`. Labelled outliers (target ``"outlier" == 1``)
+take part in no pose loss, but in the Bingham likelihood, where their random poses teach a flat belief.
+Validation reports the mean and median pose error in degrees (symmetric when a point group is set).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from cryo_forum.encoders import build_encoder
 from cryo_forum.geometry import normalise_symmetry_name, symmetry_quaternions
 from cryo_forum.heads import build_head
-from cryo_forum.losses import LossSchedule, pairwise_distance_loss, pose_errors
+from cryo_forum.losses import LossSchedule, bingham_nll, pairwise_distance_loss, pose_errors
 from cryo_forum.tensorflow_quiet import keras, tf
 
 
@@ -66,6 +67,8 @@ class OrientationEstimator(keras.Model):
         head: rotation head name (qcqp, quaternion, 6d, 9d); head_options: its keyword arguments.
         symmetry: point group of the particle; distances and errors are then symmetric.
         direct_loss: "geodesic" or "chordal"; pair_weighting: "none", "density" or "histogram".
+        uncertainty_weight: weight of the Bingham negative log-likelihood (qcqp head), which calibrates the
+            eigenvalues: 0 trains the pose alone.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class OrientationEstimator(keras.Model):
         symmetry: str = "C1",
         direct_loss: str = "geodesic",
         pair_weighting: str = "none",
+        uncertainty_weight: float = 0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -85,6 +89,7 @@ class OrientationEstimator(keras.Model):
         self.symmetry = normalise_symmetry_name(symmetry)
         self.direct_loss = direct_loss
         self.pair_weighting = pair_weighting
+        self.uncertainty_weight = float(uncertainty_weight)
         self.encoder = build_encoder(**self.encoder_options)
         self.head = build_head(self.head_name, name="head", **self.head_options)
         group = symmetry_quaternions(self.symmetry)
@@ -94,6 +99,7 @@ class OrientationEstimator(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.distance_tracker = keras.metrics.Mean(name="distance_loss")
         self.direct_tracker = keras.metrics.Mean(name="direct_loss")
+        self.nll_tracker = keras.metrics.Mean(name="bingham_nll")
         self.mean_error = keras.metrics.Mean(name="mean_error_deg")
         self.median_error = MedianAngle(name="median_error_deg")
 
@@ -115,32 +121,41 @@ class OrientationEstimator(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.distance_tracker, self.direct_tracker, self.mean_error, self.median_error]
+        trackers = [self.loss_tracker, self.distance_tracker, self.direct_tracker, self.mean_error, self.median_error]
+        return [*trackers, self.nll_tracker] if self.has_uncertainty else trackers
 
     def set_loss_weights(self, distance: float, direct: float) -> None:
         """Set (w_dist, w_direct); :class:`LossWeightScheduler` calls this every epoch."""
         self.distance_weight.assign(float(distance))
         self.direct_weight.assign(float(direct))
 
-    def _pose_losses(self, outputs, targets):
+    def _pose_losses(self, outputs, targets) -> dict:
+        """The weighted total and its parts: distance, direct, Bingham NLL (qcqp head) and the inlier mask."""
         q_pred = outputs["quaternion"]
         q_true = tf.cast(targets["quaternion"], q_pred.dtype)
         inlier = 1.0 - tf.cast(targets["outlier"], q_pred.dtype)
-        distance = pairwise_distance_loss(q_pred, q_true, self.group, self.pair_weighting, sample_mask=inlier)
+        parts = {"inlier": inlier}
+        parts["distance"] = pairwise_distance_loss(q_pred, q_true, self.group, self.pair_weighting, sample_mask=inlier)
         per_particle = pose_errors(q_pred, q_true, self.group, self.direct_loss)
-        direct = tf.math.divide_no_nan(tf.reduce_sum(per_particle * inlier), tf.reduce_sum(inlier))
-        total = self.distance_weight * distance + self.direct_weight * direct
+        parts["direct"] = tf.math.divide_no_nan(tf.reduce_sum(per_particle * inlier), tf.reduce_sum(inlier))
+        total = self.distance_weight * parts["distance"] + self.direct_weight * parts["direct"]
+        if self.has_uncertainty:
+            parts["nll"] = tf.reduce_mean(bingham_nll(q_true, outputs["matrix"], outputs["eigenvalues"], self.group))
+            total = total + self.uncertainty_weight * parts["nll"]
         if self.losses:
             total = total + tf.add_n(self.losses)
-        return total, distance, direct, inlier
+        parts["total"] = total
+        return parts
 
-    def _update_metrics(self, outputs, targets, total, distance, direct, inlier):
-        self.loss_tracker.update_state(total)
-        self.distance_tracker.update_state(distance)
-        self.direct_tracker.update_state(direct)
+    def _update_metrics(self, outputs, targets, parts):
+        self.loss_tracker.update_state(parts["total"])
+        self.distance_tracker.update_state(parts["distance"])
+        self.direct_tracker.update_state(parts["direct"])
+        if "nll" in parts:
+            self.nll_tracker.update_state(parts["nll"])
         errors = pose_errors(outputs["quaternion"], targets["quaternion"], self.group, "geodesic") * (180.0 / math.pi)
-        self.mean_error.update_state(errors, sample_weight=inlier)
-        self.median_error.update_state(errors, sample_weight=inlier)
+        self.mean_error.update_state(errors, sample_weight=parts["inlier"])
+        self.median_error.update_state(errors, sample_weight=parts["inlier"])
         logs = {metric.name: metric.result() for metric in self.metrics}
         if isinstance(self._distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
             # Keras 3 reduces multi-worker step outputs with reduce("MEAN", axis=0), which needs a batch axis.
@@ -151,17 +166,16 @@ class OrientationEstimator(keras.Model):
         images, targets = data
         with tf.GradientTape() as tape:
             outputs = self(images, training=True)
-            total, distance, direct, inlier = self._pose_losses(outputs, targets)
-            scaled = self.optimizer.scale_loss(total)
+            parts = self._pose_losses(outputs, targets)
+            scaled = self.optimizer.scale_loss(parts["total"])
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
-        return self._update_metrics(outputs, targets, total, distance, direct, inlier)
+        return self._update_metrics(outputs, targets, parts)
 
     def test_step(self, data):
         images, targets = data
         outputs = self(images, training=False)
-        total, distance, direct, inlier = self._pose_losses(outputs, targets)
-        return self._update_metrics(outputs, targets, total, distance, direct, inlier)
+        return self._update_metrics(outputs, targets, self._pose_losses(outputs, targets))
 
     def predict_step(self, data):
         images = data[0] if isinstance(data, tuple) else data
@@ -189,6 +203,7 @@ class OrientationEstimator(keras.Model):
             "symmetry": self.symmetry,
             "direct_loss": self.direct_loss,
             "pair_weighting": self.pair_weighting,
+            "uncertainty_weight": self.uncertainty_weight,
         }
 
 

@@ -102,6 +102,7 @@ def build_model(config: TrainingConfig) -> OrientationEstimator:
             symmetry=config.symmetry,
             direct_loss=config.direct_loss,
             pair_weighting=config.pair_weighting,
+            uncertainty_weight=config.uncertainty_weight,
         )
     except ValueError as error:
         raise CryoForumError(str(error)) from None

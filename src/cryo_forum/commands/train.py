@@ -57,6 +57,7 @@ _HELP = {
     "direct_weight": "weight of the direct pose loss",
     "direct_loss": "direct pose loss: geodesic or chordal",
     "pair_weighting": "pair weights: none, density (1 / (1 - cos d)), histogram",
+    "uncertainty_weight": "qcqp head: weight of the Bingham likelihood that calibrates the uncertainty",
     "epochs": "number of epochs",
     "batch_size": "particles per batch (all pairs within it are compared)",
     "learning_rate": "peak learning rate (warm-up, then cosine decay)",
