@@ -1,0 +1,266 @@
+"""3-D reconstruction by direct Fourier inversion: particle images and their poses, shifts and CTFs -> a map.
+
+By the projection-slice theorem the spectrum of ``image(x, y) = integral of V(A^T [x, y, z]) dz`` is the
+central slice ``F_V(A^T [kx, ky, 0])`` of the map's spectrum, multiplied by the particle's CTF. Each image is
+re-centred by its origin (a Fourier phase ramp: it shows the particle at box centre minus the origin), and
+``CTF * F`` is spread with trilinear weights onto a 3-D Fourier grid twice as fine as the images' (the map's
+box padded to 2 D, as RELION does; image frequencies are scaled by 2 rather than the images padded), while
+the same weights times ``CTF^2`` accumulate alongside. The map's spectrum is then the Wiener-style ratio
+
+    F_V = sum(w CTF F) / (sum(w CTF^2) + wiener_constant / 8)
+
+zeroed at and beyond Nyquist, transformed back, cropped to D and divided by the ``sinc^2`` footprint of
+trilinear gridding. ``wiener_constant`` counts in images: the trilinear weights of one image's samples (2 voxels
+apart on the padded grid) add ``1 / (2 * 2^2) = 1/8`` on average to the voxels within one voxel of its slice (hence
+the 8), and the default 1 about halves a voxel that one CTF-free image has reached. Read it as ``1 / SNR`` per
+image and voxel: it damps the voxels few images have reached (sparse high frequencies, CTF zeros) and barely
+changes well-sampled ones; it does not grow with the data set. Without CTF columns the images enter unweighted
+(CTF = 1). As in RELION the image samples are used as they are, at their exact frequencies (a CTF that oscillates fast
+is not smeared by interpolating the image spectrum); the price is that frequencies below the first image ring,
+1 / (D px), are filled by trilinear spreading from that ring, so the map's smoothest component (a gentle background,
+part of its total) is approximate, as image normalisation makes it in real data anyway.
+
+With a point group each image is inserted at every symmetry-equivalent pose ``A g^T`` (the map obeys
+``V(g x) = V(x)``). Only half the Fourier grid is stored (``kx >= 0``, as ``numpy.fft.rfftn`` lays it out) and
+only half of each image's spectrum is inserted; samples landing at ``kx < 0`` go in as their complex conjugate
+at ``-k``. The accumulators take ``12 * 4 D^3`` bytes (about 100 MB for D = 128, 800 MB for D = 256; computing
+a map briefly needs twice that, and :func:`half_maps` holds two accumulators); particles are streamed in
+batches and inserted with ``np.bincount``, so memory does not grow with their number.
+
+Maps are ``[z, y, x]`` with their centre at voxel ``D // 2``; poses are RELION matrices A (:mod:`geometry`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import numpy as np
+
+from cryo_forum import geometry
+from cryo_forum.ctf import compute_ctf
+from cryo_forum.errors import CryoForumError
+from cryo_forum.io import star
+from cryo_forum.io.particles import ParticleSet
+
+WIENER_CONSTANT = 1.0
+PADDING = 2
+_ENTRIES_PER_CALL = 1 << 22  # trilinear corner entries handed to one np.bincount call
+
+
+class FourierAccumulator:
+    """The sums ``sum(w CTF F)`` and ``sum(w CTF^2)`` of a map [D, D, D] on its padded half Fourier grid.
+
+    ``data`` (complex64) and ``weight`` (float32) are flat views of the rfftn layout ``[P, P, P // 2 + 1]``
+    with ``P = padding * D`` (frequency zero at index 0). Accumulators of disjoint particle sets add up
+    (``+=``) to that of their union.
+    """
+
+    def __init__(self, size: int, symmetry: str = "C1", padding: int = PADDING):
+        self.size = int(size)
+        self.padding = int(padding)
+        self.padded = self.padding * self.size
+        self.shape = (self.padded, self.padded, self.padded // 2 + 1)
+        self.group = geometry.symmetry_matrices(symmetry)
+        self.data = np.zeros(int(np.prod(self.shape)), dtype=np.complex64)
+        self.weight = np.zeros(int(np.prod(self.shape)), dtype=np.float32)
+        # One of each conjugate pair of the images' rfft2 coefficients below Nyquist (and frequency zero).
+        ky = np.fft.fftfreq(self.size) * self.size
+        kx = np.arange(self.size // 2 + 1, dtype=np.float64)
+        grid_y, grid_x = np.meshgrid(ky, kx, indexing="ij")
+        keep = ((grid_x > 0) | (grid_y >= 0)) & (grid_x**2 + grid_y**2 < (self.size / 2.0) ** 2)
+        self._rows, self._columns = np.nonzero(keep)
+        self._frequencies = np.stack([grid_x[keep], grid_y[keep]], axis=-1)  # [M, 2] (kx, ky) in 1 / box
+        # Frequency zero is its own conjugate partner; the kx = 0 plane is completed from both sides in volume().
+        self._multiplicity = np.where((grid_x[keep] == 0) & (grid_y[keep] == 0), 0.5, 1.0)
+        self.slice_weight = 1.0 / (2.0 * self.padding**2)  # mean weight one image adds to voxels by its slice
+
+    def __iadd__(self, other: FourierAccumulator) -> FourierAccumulator:
+        if (other.size, other.padding) != (self.size, self.padding):
+            raise ValueError("accumulators of different boxes or padding cannot be added")
+        self.data += other.data
+        self.weight += other.weight
+        return self
+
+    def insert(
+        self,
+        images: np.ndarray,
+        matrices: np.ndarray,
+        shifts_px: np.ndarray | None = None,
+        ctf: np.ndarray | None = None,
+    ) -> None:
+        """Add images [n, D, D] taken at poses A [n, 3, 3] with origins [n, 2] (x, y; px) and CTFs [n, D, D//2+1]
+        (on the rfft2 grid, :func:`cryo_forum.ctf.compute_ctf` with ``rfft=True``; None: no CTF)."""
+        images = np.asarray(images, dtype=np.float64)
+        spectra = np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))[:, self._rows, self._columns]  # [n, M]
+        if shifts_px is not None:
+            # The image shows the particle moved by -origin; moving it back by +origin re-centres it.
+            phase = self._frequencies @ np.asarray(shifts_px, dtype=np.float64).T / self.size  # [M, n]
+            spectra *= np.exp(-2j * np.pi * phase.T)
+        weights = np.broadcast_to(self._multiplicity, spectra.shape)
+        spectra *= self._multiplicity
+        if ctf is not None:
+            ctf = np.asarray(ctf, dtype=np.float64)[:, self._rows, self._columns]
+            spectra *= ctf
+            weights = weights * ctf**2
+        group_count = len(self.group)
+        poses = (np.asarray(matrices, dtype=np.float64)[:, None] @ self.group.transpose(0, 2, 1)).reshape(-1, 3, 3)
+        chunk = max(1, _ENTRIES_PER_CALL // (8 * len(self._frequencies)))
+        for start in range(0, len(poses), chunk):
+            rows = slice(start, start + chunk)
+            images_of_rows = np.arange(len(poses))[rows] // group_count
+            self._splat(poses[rows], spectra[images_of_rows], weights[images_of_rows])
+
+    def _splat(self, poses: np.ndarray, values: np.ndarray, weights: np.ndarray) -> None:
+        """Spread values [m, M] (with CTF^2 weights [m, M]) of the slices at poses [m, 3, 3] over the grid."""
+        padded, half = self.padded, self.shape[2]
+        # (x, y, z) of the map's spectrum sampled by image frequency k: A^T [kx, ky, 0] = kx A[0] + ky A[1].
+        coords = self.padding * (
+            self._frequencies[None, :, 0, None] * poses[:, None, 0, :]
+            + self._frequencies[None, :, 1, None] * poses[:, None, 1, :]
+        )  # [m, M, 3]
+        flip = coords[..., 0] < 0
+        coords[flip] *= -1.0
+        values = np.where(flip, np.conj(values), values)
+        base = np.floor(coords)
+        frac = coords - base
+        base = base.astype(np.int64)
+        indices, corner_weights = [], []
+        for corner in range(8):
+            offset = np.array([corner & 1, (corner >> 1) & 1, (corner >> 2) & 1])
+            corner_weights.append(np.prod(np.where(offset.astype(bool), frac, 1.0 - frac), axis=-1))
+            x, y, z = np.moveaxis(base + offset, -1, 0)
+            indices.append(((z % padded) * padded + y % padded) * half + x)
+        index = np.concatenate([i.ravel() for i in indices])
+        trilinear = np.concatenate([w.ravel() for w in corner_weights])
+        values = np.tile(values.ravel(), 8) * trilinear
+        length = len(self.weight)
+        self.data.real += np.bincount(index, weights=values.real, minlength=length)
+        self.data.imag += np.bincount(index, weights=values.imag, minlength=length)
+        self.weight += np.bincount(index, weights=trilinear * np.tile(weights.ravel(), 8), minlength=length)
+
+    def volume(self, wiener_constant: float = WIENER_CONSTANT) -> np.ndarray:
+        """The map float32 [D, D, D] ([z, y, x], centre at D // 2) from the sums so far."""
+        if wiener_constant < 0:
+            raise ValueError(f"the Wiener constant must be >= 0, got {wiener_constant}")
+        regulariser = np.float32(wiener_constant * self.slice_weight)
+        data = self.data.reshape(self.shape)
+        weight = self.weight.reshape(self.shape)
+        denominator = weight + regulariser
+        spectrum = np.divide(data, denominator, out=np.zeros(self.shape, np.complex64), where=denominator > 0)
+        # Samples near kx = 0 were spread over that plane from both sides: add each voxel's conjugate partner.
+        partner = (slice(None, None, -1), slice(None, None, -1), 0)
+        plane_data = data[:, :, 0] + np.conj(np.roll(data[partner], 1, axis=(0, 1)))
+        plane_weight = weight[:, :, 0] + np.roll(weight[partner], 1, axis=(0, 1)) + regulariser
+        spectrum[:, :, 0] = np.divide(plane_data, plane_weight, out=np.zeros_like(plane_data), where=plane_weight > 0)
+        padded = self.padded
+        k = (np.fft.fftfreq(padded) * padded).astype(np.int32)
+        beyond = k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(self.shape[2], dtype=np.int32) ** 2
+        spectrum[beyond >= (padded // 2) ** 2] = 0.0
+        box = np.fft.fftshift(np.fft.irfftn(spectrum, s=(padded,) * 3, axes=(0, 1, 2)))
+        start = padded // 2 - self.size // 2
+        crop = box[start : start + self.size, start : start + self.size, start : start + self.size]
+        footprint = np.sinc((np.arange(self.size) - self.size // 2) / padded) ** 2  # trilinear gridding, per axis
+        return (crop / (footprint[:, None, None] * footprint[None, :, None] * footprint[None, None, :])).astype(
+            np.float32
+        )
+
+
+class HalfMaps(NamedTuple):
+    """Maps [D, D, D] float32 of all particles and of the two half sets, and their pixel size (A)."""
+
+    full: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
+    pixel_size: float
+
+
+def _selection(particles: ParticleSet, indices) -> np.ndarray:
+    if not particles.has_poses:
+        raise CryoForumError(f"{particles.source}: no poses ({', '.join(star.ANGLES)}) to reconstruct from")
+    chosen = np.arange(len(particles)) if indices is None else np.asarray(indices)
+    if chosen.dtype == bool:
+        chosen = np.flatnonzero(chosen)
+    if not len(chosen):
+        raise CryoForumError(f"{particles.source}: no particles to reconstruct from")
+    return chosen.astype(np.int64)
+
+
+def backproject(
+    particles: ParticleSet,
+    indices=None,
+    symmetry: str = "C1",
+    batch_size: int = 256,
+    progress: bool = False,
+) -> FourierAccumulator:
+    """Insert the particles ``indices`` (all by default) with their poses, origins and CTFs (if any)."""
+    from tqdm import tqdm
+
+    chosen = _selection(particles, indices)
+    accumulator = FourierAccumulator(particles.box_size, symmetry)
+    matrices = geometry.quaternion_to_matrix(particles.quaternions())
+    shifts = particles.shifts_px()
+    pixel_size = particles.pixel_size if particles.has_ctf else 1.0
+    ctf_parameters = particles.ctf_parameters() if particles.has_ctf else None
+    with tqdm(total=len(chosen), unit="particle", file=sys.stderr, disable=not progress) as bar:
+        for batch, images in particles.iter_batches(batch_size, chosen):
+            ctf = None
+            if ctf_parameters is not None:
+                batch_parameters = {name: values[batch] for name, values in ctf_parameters.items()}
+                ctf = compute_ctf(images.shape[-1], pixel_size, **batch_parameters, rfft=True)
+            accumulator.insert(images, matrices[batch], shifts[batch], ctf)
+            bar.update(len(batch))
+    return accumulator
+
+
+def reconstruct(
+    particles: ParticleSet,
+    indices=None,
+    symmetry: str = "C1",
+    wiener_constant: float = WIENER_CONSTANT,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> tuple[np.ndarray, float]:
+    """The map float32 [D, D, D] of the particles ``indices`` (default all) and its pixel size in A."""
+    accumulator = backproject(particles, indices, symmetry, batch_size, progress)
+    return accumulator.volume(wiener_constant), particles.pixel_size
+
+
+def split_halves(
+    particles: ParticleSet, indices=None, subset_column: str = star.RANDOM_SUBSET
+) -> tuple[np.ndarray, np.ndarray]:
+    """Particle indices of the two half sets: by ``subset_column`` (values 1 and 2) when the table has it,
+    else alternately (first, third, ... particle in half 1)."""
+    chosen = _selection(particles, indices)
+    if subset_column in particles.table:
+        subsets = particles.table[subset_column].to_numpy()[chosen]
+        unknown = ~np.isin(subsets, (1, 2))
+        if unknown.any():
+            raise CryoForumError(f"{particles.source}: {subset_column} must be 1 or 2, found {subsets[unknown][0]!r}")
+        halves = chosen[subsets == 1], chosen[subsets == 2]
+    else:
+        halves = chosen[0::2], chosen[1::2]
+    for number, half in enumerate(halves, start=1):
+        if not len(half):
+            raise CryoForumError(f"{particles.source}: half set {number} has no particles")
+    return halves
+
+
+def half_maps(
+    particles: ParticleSet,
+    indices=None,
+    subset_column: str = star.RANDOM_SUBSET,
+    symmetry: str = "C1",
+    wiener_constant: float = WIENER_CONSTANT,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> HalfMaps:
+    """Maps of the two half sets (:func:`split_halves`) and of all particles, each image read once."""
+    first, second = split_halves(particles, indices, subset_column)
+    accumulator = backproject(particles, first, symmetry, batch_size, progress)
+    half1 = accumulator.volume(wiener_constant)
+    other = backproject(particles, second, symmetry, batch_size, progress)
+    half2 = other.volume(wiener_constant)
+    accumulator += other
+    del other
+    return HalfMaps(accumulator.volume(wiener_constant), half1, half2, particles.pixel_size)
