@@ -51,6 +51,13 @@ class _StackCache:
         return stack
 
 
+def _partition_image_names(names: pd.Series) -> pd.DataFrame:
+    """``index@stack`` names -> columns 0 (index), 1 ("@" or ""), 2 (stack); three columns even when empty."""
+    if not len(names):
+        return pd.DataFrame({0: pd.Series(dtype=str), 1: pd.Series(dtype=str), 2: pd.Series(dtype=str)})
+    return names.astype(str).str.partition("@")
+
+
 class ParticleSet:
     """Particles with RELION metadata (``table``) and lazily read images; build with :meth:`open`."""
 
@@ -148,7 +155,7 @@ class ParticleSet:
         """Split every ``index@stack`` into a 0-based index and a stack code (into ``stack_names``)."""
         if star.IMAGE_NAME not in self._raw:
             raise CryoForumError(f"{self.source}: particle table has no {star.IMAGE_NAME} column")
-        parts = self._raw[star.IMAGE_NAME].astype(str).str.partition("@")
+        parts = _partition_image_names(self._raw[star.IMAGE_NAME])
         has_at = (parts[1] == "@").to_numpy()
         index = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(index) | (index < 1) | (index != np.round(index))
@@ -402,7 +409,7 @@ class ParticleSet:
         renamed = self._portable_stack_names(path.parent)
         if renamed:
             stacks = np.array([renamed.get(name, name) for name in self.stack_names], dtype=object)
-            parts = particles[star.IMAGE_NAME].astype(str).str.partition("@")
+            parts = _partition_image_names(particles[star.IMAGE_NAME])
             prefix = np.where(parts[1] == "@", parts[0] + "@", "").astype(object)
             particles[star.IMAGE_NAME] = prefix + stacks[self._codes[kept]]
         blocks = dict(self._blocks)
