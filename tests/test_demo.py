@@ -1,27 +1,43 @@
-"""The demo command runs end to end on the built-in example."""
+"""The demo runs the whole pipeline end to end on the built-in example (tiny settings)."""
 
 import json
 
 import numpy as np
 
 from cryo_forum.cli import main
-from cryo_forum.io.particles import ParticleSet
 
 
-def test_demo_simulates_and_summarises(tmp_path, capsys):
+def test_demo_runs_every_step_and_summarises(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "60", "--outliers", "0.2", "--seed", "3"]) == 0
+    argv = ["demo", "--out", str(out), "--n", "60", "--epochs", "1", "--particles-per-epoch", "64", "--seed", "3"]
+    assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    particles = ParticleSet.open(out / "simulated" / "particles.star")
-    assert summary["n_particles"] == len(particles) == 60
-    assert summary["n_outliers"] == int(particles.table["cfIsOutlier"].sum()) == 12
-    assert (out / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert np.isfinite(particles.images(np.arange(5))).all()
-    assert "montage.png" in capsys.readouterr().out
+    for name in (
+        "particles/particles.star",
+        "run/model.keras",
+        "run/calibration.json",
+        "predicted.star",
+        "kept.star",
+        "maps/map_true.mrc",
+        "maps/map_all_half1.mrc",
+        "maps/map_kept_fsc/fsc.json",
+        "report/metrics.json",
+    ):
+        assert (out / name).exists(), name
+    assert summary["n_particles"] == 60
+    assert set(summary["fsc_0143_angstrom"]) == {"true poses", "all particles", "kept particles"}
+    assert all(np.isfinite(value) and value >= 4.0 for value in summary["fsc_0143_angstrom"].values())  # >= Nyquist
+    assert 0.0 <= summary["outlier_auroc"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "FSC 0.143 resolution" in printed and "roc.png" in printed
 
 
-def test_demo_rejects_nonsense_options(tmp_path, capsys):
+def test_demo_refuses_nonsense_and_an_existing_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n", "0"]) == 1
     assert "--n" in capsys.readouterr().err
     assert not out.exists()
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert main(["demo", "--out", str(out)]) == 1
+    assert "already holds a demo" in capsys.readouterr().err

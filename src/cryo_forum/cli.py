@@ -15,7 +15,7 @@ import sys
 from cryo_forum import __version__
 from cryo_forum.errors import CryoForumError
 
-COMMANDS = ["info", "simulate", "train", "predict", "export", "demo"]
+COMMANDS = ["info", "simulate", "train", "predict", "export", "demo", "evaluate", "filter", "reconstruct", "fsc"]
 
 
 def build_parser() -> argparse.ArgumentParser:

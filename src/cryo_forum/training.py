@@ -329,7 +329,7 @@ def train(config: TrainingConfig, out: str | Path, resume: bool = False, verbose
             BestModelSaver(outputs / MODEL_NAME, best=_best_so_far(outputs / HISTORY_NAME) if resume else np.inf),
             keras.callbacks.TerminateOnNaN(),
         ]
-        return model.fit(
+        history = model.fit(
             data.train,
             epochs=config.epochs,
             steps_per_epoch=data.steps_per_epoch,
@@ -338,9 +338,43 @@ def train(config: TrainingConfig, out: str | Path, resume: bool = False, verbose
             verbose=verbose,
             shuffle=False,  # the datasets shuffle themselves, reproducibly
         )
+        if chief and (run / MODEL_NAME).exists() and config.head == "qcqp":
+            calibrate_on_validation(run, config)
+        return history
     finally:
         if not chief:
             shutil.rmtree(outputs, ignore_errors=True)
+
+
+def validation_particles(run: Path, config: TrainingConfig) -> tuple[ParticleSet, np.ndarray | None]:
+    """The run's validation particles: RUN/val for a map run, the split's val subset for a particle run."""
+    if config.volume:
+        return ParticleSet.open(run / "val" / "particles.star"), None
+    particles = ParticleSet.open(config.star, datadir=config.datadir)
+    return particles, load_split(run / SPLIT_NAME, particles)["val"]
+
+
+def calibrate_on_validation(run: Path, config: TrainingConfig) -> None:
+    """Predict the validation particles with the best model and store the uncertainty calibration.
+
+    Thresholds for ``cryo-forum filter`` come from these predictions, never from the set being filtered.
+    """
+    from cryo_forum.calibrate import calibrate, save_calibration
+    from cryo_forum.geometry import euler_to_quaternion, symmetric_distance
+    from cryo_forum.io.star import ANGLE_PSI, ANGLE_ROT, ANGLE_TILT, OUTLIER
+    from cryo_forum.prediction import predict_particles
+
+    model, _, preprocessor = load_run(run)
+    particles, indices = validation_particles(run, config)
+    table = predict_particles(model, particles, preprocessor, indices, progress=False)
+    truth = particles.quaternions() if indices is None else particles.quaternions()[indices]
+    q_pred = euler_to_quaternion(table[[ANGLE_ROT, ANGLE_TILT, ANGLE_PSI]].to_numpy())
+    errors = np.degrees(symmetric_distance(q_pred, truth, config.symmetry))
+    source = particles.table if indices is None else particles.table.iloc[indices]
+    if OUTLIER in source:
+        table[OUTLIER] = source[OUTLIER].to_numpy()
+    save_calibration(run, calibrate(table, errors_deg=errors))
+    print(f"uncertainty calibrated on {len(table)} validation particles: {run / 'calibration.json'}", file=sys.stderr)
 
 
 def load_run(run: str | Path) -> tuple[OrientationEstimator, TrainingConfig, Preprocessor]:

@@ -1,10 +1,16 @@
-"""Run the main job on the built-in example (PDB 1A28 chain A) and summarise it.
+"""Run the whole pipeline on the built-in example (PDB 1A28 chain A) and summarise it.
 
-Simulates a small data set with CTF, noise and labelled outliers from the map shipped with cryo-forum,
-writes a montage of particles (outliers framed in red) and a summary, and prints where everything went.
+Each step is the cryo-forum command a user would run, in order:
+  1. simulate  particles with CTF, noise and 10 % labelled outliers from the shipped map
+  2. train     an estimator on fresh particles simulated from the map (it never sees the particles of step 1)
+  3. predict   pose and uncertainty of every particle of step 1
+  4. filter    with the threshold calibrated on the run's validation particles
+  5. reconstruct half maps from all particles, from the kept ones and from the true poses (FSC 0.143)
+  6. evaluate  the predictions against the truth
+It ends with a table (median and mean error, outlier AUROC, the three FSC resolutions) and the plots' paths.
+Everything goes into OUT; the default settings take a few minutes on two CPU cores.
 
-Writes into OUT: simulated/particles.star, simulated/particles.mrcs, simulated/volume.mrc, montage.png and
-summary.json. Example:
+Example:
   cryo-forum demo --out demo_out
 """
 
@@ -16,81 +22,175 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from cryo_forum.errors import CryoForumError
+
+STEPS = 6
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--n", type=int, default=1000, help="number of particles to simulate (default 1000)")
+    parser.add_argument("--n", type=int, default=2000, help="particles to simulate (default 2000)")
     parser.add_argument("--snr", type=float, default=1.0, help="signal-to-noise ratio (default 1)")
-    parser.add_argument("--outliers", type=float, default=0.1, metavar="FRACTION", help="default 0.1")
+    parser.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
+    parser.add_argument("--particles-per-epoch", type=int, default=3200, help="default 3200")
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _run(step: int, title: str, argv: list[str]) -> None:
+    from cryo_forum.cli import main as cli
+
+    print(f"\n[{step}/{STEPS}] {title}\n  cryo-forum {' '.join(argv)}", file=sys.stderr, flush=True)
+    if cli(argv) != 0:
+        raise CryoForumError(f"step {step} ({title}) failed; see the message above")
+
+
+def _resolution(fsc_folder: Path) -> float:
+    return json.loads((fsc_folder / "fsc.json").read_text())["resolution"]["0.143"]["angstrom"]
+
+
 def main(args: argparse.Namespace) -> int:
-    from cryo_forum.io.atomic import atomic_output
-    from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.io.star import OUTLIER, OUTLIER_KIND
-    from cryo_forum.plots import particle_montage
-    from cryo_forum.simulate import InvalidSetting, write_simulation
-    from cryo_forum.volumes import example_map_path, load_volume
+    from cryo_forum.volumes import example_map_path
 
-    if args.out.exists() and not args.out.is_dir():
-        raise CryoForumError(f"--out {args.out}: exists and is not a folder")
+    if args.n < 20 or args.epochs < 1:
+        raise CryoForumError("--n must be at least 20 and --epochs at least 1")
+    if (args.out / "summary.json").exists():
+        raise CryoForumError(f"--out {args.out}: already holds a demo; choose another folder")
     started = time.perf_counter()
-    volume, pixel_size = load_volume(example_map_path())
-    print(f"[1/2] simulating {args.n} particles of the built-in example (PDB 1A28 chain A)", file=sys.stderr)
-    try:
-        write_simulation(
-            args.out / "simulated",
-            volume,
-            pixel_size,
-            args.n,
-            snr=args.snr,
-            ctf=True,
-            defocus_range=(8000.0, 20000.0),
-            shift_px=2.0,
-            outlier_fraction=args.outliers,
-            seed=args.seed,
-            progress=True,
-        )
-    except InvalidSetting as error:
-        raise CryoForumError(f"--{error.field.replace('_', '-')}: {error.message}") from None
-
-    print("[2/2] writing the montage and the summary", file=sys.stderr)
-    particles = ParticleSet.open(args.out / "simulated" / "particles.star")
-    shown = np.arange(min(32, len(particles)))
-    outlier = particles.table[OUTLIER].to_numpy().astype(bool)
-    kinds = particles.table[OUTLIER_KIND].astype(str).to_numpy()
-    particle_montage(
-        particles.images(shown),
-        args.out / "montage.png",
-        labels=[f"#{i + 1} {kinds[i] if outlier[i] else ''}".strip() for i in shown],
-        highlight=outlier[shown],
-        title=f"Simulated particles of 1A28 (SNR {args.snr:g}, CTF); outliers framed in red",
+    out, example = args.out, str(example_map_path())
+    data, run = out / "particles", out / "run"
+    common = ["--snr", str(args.snr), "--outliers", "0.1", "--seed", str(args.seed)]
+    _run(
+        1,
+        "simulate particles from the built-in map",
+        [
+            "simulate",
+            "--volume",
+            example,
+            "--n",
+            str(args.n),
+            "--size",
+            "48",
+            "--shift-px",
+            "2",
+            "--defocus-range",
+            "8000",
+            "20000",
+            *common,
+            "--out",
+            str(data),
+        ],
     )
-    kinds_count = {kind: int(np.sum(kinds[outlier] == kind)) for kind in sorted(set(kinds[outlier]))}
-    summary = {
-        "n_particles": len(particles),
-        "box_size": particles.box_size,
-        "pixel_size": particles.pixel_size,
-        "snr": args.snr,
-        "n_outliers": int(outlier.sum()),
-        "outliers_by_kind": kinds_count,
-        "seconds": round(time.perf_counter() - started, 1),
-        "files": {
-            "particles": str(args.out / "simulated" / "particles.star"),
-            "montage": str(args.out / "montage.png"),
-        },
+    _run(
+        2,
+        "train on fresh particles simulated from the map",
+        [
+            "train",
+            "--volume",
+            example,
+            "--image-size",
+            "48",
+            "--epochs",
+            str(args.epochs),
+            "--particles-per-epoch",
+            str(args.particles_per_epoch),
+            "--n-val",
+            "400",
+            "--n-test",
+            "0",
+            "--defocus-range",
+            "8000",
+            "20000",
+            "--shift-px",
+            "2",
+            *common,
+            "--out",
+            str(run),
+        ],
+    )
+    _run(
+        3,
+        "predict every particle",
+        ["predict", "--model", str(run), "--star", str(data / "particles.star"), "--out", str(out / "predicted.star")],
+    )
+    _run(
+        4,
+        "filter by uncertainty (threshold from the run's validation set)",
+        ["filter", "--star", str(out / "predicted.star"), "--out", str(out / "kept.star"), "--model", str(run)],
+    )
+    maps = {
+        "true poses": data / "particles.star",
+        "all particles": out / "predicted.star",
+        "kept particles": out / "kept.star",
     }
-    with atomic_output(args.out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"\n{summary['n_particles']} particles, {summary['box_size']} px at {summary['pixel_size']:.2f} A/px, "
-        f"SNR {args.snr:g}, {summary['n_outliers']} labelled outliers {kinds_count}\n"
-        f"particles: {summary['files']['particles']}\nmontage:   {summary['files']['montage']}\n"
-        f"summary:   {args.out / 'summary.json'}\ntook {summary['seconds']} s"
+    names = {"true poses": "map_true", "all particles": "map_all", "kept particles": "map_kept"}
+    for label, star_file in maps.items():
+        _run(
+            5,
+            f"reconstruct half maps from the {label}",
+            [
+                "reconstruct",
+                "--star",
+                str(star_file),
+                "--out",
+                str(out / "maps" / f"{names[label]}.mrc"),
+                "--half-maps",
+            ],
+        )
+    _run(
+        6,
+        "evaluate against the truth",
+        [
+            "evaluate",
+            "--pred",
+            str(out / "predicted.star"),
+            "--truth",
+            str(data / "particles.star"),
+            "--out",
+            str(out / "report"),
+            "--model",
+            str(run),
+            "--metric",
+            "expected_error_deg",
+        ],
     )
+
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    summary = {
+        "n_particles": args.n,
+        "snr": args.snr,
+        "median_error_deg": metrics["median_deg"],
+        "mean_error_deg": metrics["mean_deg"],
+        "kept_median_error_deg": metrics.get("kept_median_deg"),
+        "kept_mean_error_deg": metrics.get("kept_mean_deg"),
+        "kept_fraction": metrics.get("kept_fraction"),
+        "outlier_auroc": metrics.get("outlier_auroc"),
+        "fsc_0143_angstrom": {label: _resolution(out / "maps" / f"{names[label]}_fsc") for label in maps},
+        "seconds": round(time.perf_counter() - started, 1),
+        "plots": sorted(str(path) for path in (out / "report").glob("*.png")),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(summary_table(summary))
     return 0
+
+
+def summary_table(summary: dict) -> str:
+    """The demo's closing table as text."""
+
+    def number(value, digits=1):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "",
+        f"cryo-forum demo: {summary['n_particles']} particles of 1A28, SNR {summary['snr']:g}, 10 % outliers, "
+        f"{summary['seconds']:.0f} s",
+        f"  pose error, inliers:      median {number(summary['median_error_deg'])} deg, "
+        f"mean {number(summary['mean_error_deg'])} deg",
+        f"  after filtering:          median {number(summary['kept_median_error_deg'])} deg, "
+        f"mean {number(summary['kept_mean_error_deg'])} deg, kept {number((summary['kept_fraction'] or 0) * 100, 0)} %",
+        f"  outlier AUROC:            {number(summary['outlier_auroc'], 3)}",
+        "  FSC 0.143 resolution:     "
+        + ", ".join(f"{label} {value:.1f} A" for label, value in summary["fsc_0143_angstrom"].items()),
+        "  plots:",
+        *(f"    {path}" for path in summary["plots"]),
+    ]
+    return "\n".join(lines)
