@@ -31,8 +31,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--n", type=int, default=2000, help="particles to simulate (default 2000)")
     parser.add_argument("--snr", type=float, default=1.0, help="signal-to-noise ratio (default 1)")
-    parser.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
-    parser.add_argument("--particles-per-epoch", type=int, default=3200, help="default 3200")
+    parser.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
+    parser.add_argument("--particles-per-epoch", type=int, default=6400, help="default 6400")
     parser.add_argument("--seed", type=int, default=0)
 
 
