@@ -1,0 +1,41 @@
+"""Every tutorial notebook runs top to bottom, headless, in quick mode (CRYO_FORUM_QUICK=1)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    monkeypatch.setenv("CRYO_FORUM_QUICK", "1")
+    monkeypatch.setenv("CRYO_FORUM_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend embeds the figures
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    client.execute()
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
+    assert not errors
+    images = sum(
+        1
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    )
+    assert images >= 1, "a tutorial should show at least one figure"
+    assert os.environ["CRYO_FORUM_QUICK"] == "1"
