@@ -306,9 +306,13 @@ def test_model_option_takes_the_runs_calibrated_threshold(truth, truth_path, out
     expected = calibrate.threshold_for(calibrate.load_calibration(tmp_path / "run"), "dispersion_trace")
     eigenvalues = eigenvalues_for(outliers)
     pred = write_prediction(truth, tmp_path / "p.star", q=truth.quaternions(), eigenvalues=eigenvalues)
-    assert run_cli(pred, truth_path, tmp_path / "report", "--model", str(tmp_path / "run")) == 0
+    args = ("--model", str(tmp_path / "run"))
+    assert run_cli(pred, truth_path, tmp_path / "report", *args, "--metric", "dispersion_trace") == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(expected)
+    assert run_cli(pred, truth_path, tmp_path / "default", *args) == 0  # without --metric: the calibration's
+    default = calibrate.load_calibration(tmp_path / "run")["default_metric"]
+    assert json.loads((tmp_path / "default" / "metrics.json").read_text())["metric"] == default
     assert dispersion_trace(SHARP) < expected < dispersion_trace(FLAT)
     assert metrics["kept_fraction"] == pytest.approx(np.mean(~outliers))
     assert metrics["outliers_rejected_fraction"] == 1.0

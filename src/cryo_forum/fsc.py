@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cryo_forum.io.atomic import atomic_directory, atomic_output
+from cryo_forum.io.atomic import atomic_directory
+from cryo_forum.plots import save_png
 
 HALF_MAP_THRESHOLD = 0.143
 REFERENCE_THRESHOLD = 0.5
@@ -138,10 +139,7 @@ def fsc_plot(
     top.set_xlabel("resolution (A)")
     if title:
         axis.set_title(title, fontsize=10)
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(path)
+    return save_png(figure, path)
 
 
 def _reciprocal(values):

@@ -12,6 +12,14 @@ import numpy as np
 from cryo_forum.io.atomic import atomic_output
 
 
+def save_png(figure, path: str | Path) -> Path:
+    """Lay out a matplotlib ``figure`` and write it to ``path`` as a PNG, atomically."""
+    figure.tight_layout()
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(path)
+
+
 def particle_montage(
     images: np.ndarray,
     path: str | Path,
@@ -46,10 +54,7 @@ def particle_montage(
                 spine.set_linewidth(2.5)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(path)
+    return save_png(figure, path)
 
 
 def error_histogram(errors_deg: np.ndarray, path: str | Path, title: str | None = None) -> Path:
@@ -73,18 +78,7 @@ def error_histogram(errors_deg: np.ndarray, path: str | Path, title: str | None 
     axis.legend(loc="center right")
     if title:
         axis.set_title(title, fontsize=10)
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(path)
-
-
-def _save_png(figure, path: str | Path) -> Path:
-    """Lay out ``figure`` and write it to ``path`` as a PNG, atomically."""
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(path)
+    return save_png(figure, path)
 
 
 def error_cdf(curves: dict[str, np.ndarray], path: str | Path, title: str | None = None) -> Path:
@@ -112,7 +106,7 @@ def error_cdf(curves: dict[str, np.ndarray], path: str | Path, title: str | None
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right", fontsize=8)
     axis.set_title(title or "Cumulative distribution of errors", fontsize=10)
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def uncertainty_scatter(
@@ -150,7 +144,7 @@ def uncertainty_scatter(
     axis.set_ylim(0, 180)
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title("Uncertainty against pose error", fontsize=10)
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def viewing_direction_map(
@@ -187,7 +181,7 @@ def viewing_direction_map(
     axis.tick_params(axis="y", labelsize=8)
     axis.grid(alpha=0.4)
     axis.set_title(title or f"Viewing directions of {len(directions)} particles (equal-area cells)", fontsize=10)
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def roc_curve_plot(
@@ -207,4 +201,4 @@ def roc_curve_plot(
     axis.set_aspect("equal")
     axis.legend(loc="lower right")
     axis.set_title("Outlier detection by uncertainty", fontsize=10)
-    return _save_png(figure, path)
+    return save_png(figure, path)

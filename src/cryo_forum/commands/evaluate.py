@@ -31,10 +31,25 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--align", action="store_true", help="first align the predictions by one global rotation and hand flip"
     )
-    parser.add_argument("--metric", choices=sorted(SCORES), default="dispersion_trace", help="uncertainty score")
+    parser.add_argument(
+        "--metric",
+        choices=sorted(SCORES),
+        help="uncertainty score (default: the calibration's with --model, else dispersion_trace)",
+    )
     threshold = parser.add_mutually_exclusive_group()
     threshold.add_argument("--threshold", type=float, metavar="X", help="keep particles with score <= X")
     threshold.add_argument("--model", type=Path, metavar="RUN", help="take the threshold calibrated in this run")
+
+
+def resolve_metric(args: argparse.Namespace) -> str:
+    """--metric, else the default metric of --model RUN's calibration, else dispersion_trace."""
+    if args.metric is not None:
+        return args.metric
+    if args.model is not None:
+        from cryo_forum.calibrate import load_calibration
+
+        return load_calibration(args.model).get("default_metric", "dispersion_trace")
+    return "dispersion_trace"
 
 
 def resolve_threshold(args: argparse.Namespace) -> float | None:
@@ -92,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
         symmetry = normalise_symmetry_name(args.symmetry)
     except ValueError as error:
         raise CryoForumError(f"--symmetry: {error}") from None
+    args.metric = resolve_metric(args)
     threshold = resolve_threshold(args)
     pred = ParticleSet.open(args.pred)
     truth = ParticleSet.open(args.truth)
