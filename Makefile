@@ -20,6 +20,8 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	# the demo's own folder is rebuilt on every run
+	rm -rf $(DEMO_OUT)
 	$(BIN)/cryo-forum demo --out $(DEMO_OUT)
 
 test: $(STAMP)
