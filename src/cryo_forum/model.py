@@ -136,7 +136,12 @@ class OrientationEstimator(keras.Model):
         inlier = 1.0 - tf.cast(targets["outlier"], q_pred.dtype)
         parts = {"inlier": inlier}
         parts["distance"] = pairwise_distance_loss(q_pred, q_true, self.group, self.pair_weighting, sample_mask=inlier)
-        per_particle = pose_errors(q_pred, q_true, self.group, self.direct_loss)
+        parts["errors"] = pose_errors(q_pred, q_true, self.group, "geodesic")  # radians, also for the metrics
+        per_particle = (
+            parts["errors"]
+            if self.direct_loss == "geodesic"
+            else pose_errors(q_pred, q_true, self.group, self.direct_loss)
+        )
         parts["direct"] = tf.math.divide_no_nan(tf.reduce_sum(per_particle * inlier), tf.reduce_sum(inlier))
         total = self.distance_weight * parts["distance"] + self.direct_weight * parts["direct"]
         if self.has_uncertainty:
@@ -147,13 +152,13 @@ class OrientationEstimator(keras.Model):
         parts["total"] = total
         return parts
 
-    def _update_metrics(self, outputs, targets, parts):
+    def _update_metrics(self, parts):
         self.loss_tracker.update_state(parts["total"])
         self.distance_tracker.update_state(parts["distance"])
         self.direct_tracker.update_state(parts["direct"])
         if "nll" in parts:
             self.nll_tracker.update_state(parts["nll"])
-        errors = pose_errors(outputs["quaternion"], targets["quaternion"], self.group, "geodesic") * (180.0 / math.pi)
+        errors = parts["errors"] * (180.0 / math.pi)
         self.mean_error.update_state(errors, sample_weight=parts["inlier"])
         self.median_error.update_state(errors, sample_weight=parts["inlier"])
         logs = {metric.name: metric.result() for metric in self.metrics}
@@ -170,12 +175,12 @@ class OrientationEstimator(keras.Model):
             scaled = self.optimizer.scale_loss(parts["total"])
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
-        return self._update_metrics(outputs, targets, parts)
+        return self._update_metrics(parts)
 
     def test_step(self, data):
         images, targets = data
         outputs = self(images, training=False)
-        return self._update_metrics(outputs, targets, self._pose_losses(outputs, targets))
+        return self._update_metrics(self._pose_losses(outputs, targets))
 
     def predict_step(self, data):
         images = data[0] if isinstance(data, tuple) else data

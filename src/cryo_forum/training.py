@@ -69,19 +69,23 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     raise CryoForumError(f"--strategy: unknown strategy '{name}'")
 
 
+def _tf_config() -> dict:
+    return json.loads(os.environ.get("TF_CONFIG", "{}"))
+
+
 def is_chief() -> bool:
     """True unless TF_CONFIG names this process a non-chief worker of a multi-worker cluster."""
-    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    config = _tf_config()
+    task = config.get("task", {})
     if task.get("type") == "chief":
         return True
-    if "chief" in cluster:
+    if "chief" in config.get("cluster", {}):
         return False
     return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
 
 
 def worker_index() -> int:
-    return int(json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("index", 0))
+    return int(_tf_config().get("task", {}).get("index", 0))
 
 
 def build_model(config: TrainingConfig) -> OrientationEstimator:
@@ -359,20 +363,17 @@ def calibrate_on_validation(run: Path, config: TrainingConfig) -> None:
 
     Thresholds for ``cryo-forum filter`` come from these predictions, never from the set being filtered.
     """
-    from cryo_forum.calibrate import calibrate, save_calibration
-    from cryo_forum.geometry import euler_to_quaternion, symmetric_distance
-    from cryo_forum.io.star import ANGLE_PSI, ANGLE_ROT, ANGLE_TILT, OUTLIER
+    from cryo_forum.calibrate import calibrate, pose_errors_deg, save_calibration
+    from cryo_forum.io.star import OUTLIER
     from cryo_forum.prediction import predict_particles
 
     model, _, preprocessor = load_run(run)
     particles, indices = validation_particles(run, config)
     table = predict_particles(model, particles, preprocessor, indices, progress=False)
-    truth = particles.quaternions() if indices is None else particles.quaternions()[indices]
-    q_pred = euler_to_quaternion(table[[ANGLE_ROT, ANGLE_TILT, ANGLE_PSI]].to_numpy())
-    errors = np.degrees(symmetric_distance(q_pred, truth, config.symmetry))
-    source = particles.table if indices is None else particles.table.iloc[indices]
-    if OUTLIER in source:
-        table[OUTLIER] = source[OUTLIER].to_numpy()
+    truth = particles.table if indices is None else particles.table.iloc[indices]
+    errors = pose_errors_deg(table, truth, config.symmetry)
+    if OUTLIER in truth:
+        table[OUTLIER] = truth[OUTLIER].to_numpy()
     save_calibration(run, calibrate(table, errors_deg=errors))
     print(f"uncertainty calibrated on {len(table)} validation particles: {run / 'calibration.json'}", file=sys.stderr)
 
