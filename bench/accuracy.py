@@ -42,86 +42,73 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from cryo_forum import geometry
+def simulate_test_set(volume: Path, snr: float, n: int, folder: Path) -> Path:
+    """The held-out test set of one noise level (simulated once, reused by every method); its STAR file."""
     from cryo_forum.cli import main as cli
+
+    star = folder / "particles.star"
+    if not star.exists():
+        command = ["simulate", "--volume", str(volume), "--n", str(n), "--size", str(SIZE), "--apix", str(APIX)]
+        command += ["--snr", str(snr), "--ctf", "--outliers", "0.1", "--seed", str(TEST_SEED), "--out", str(folder)]
+        if cli(command) != 0:
+            raise SystemExit(f"simulating the test set into {folder} failed")
+    return star
+
+
+def train_from_map(volume: Path, snr: float, run: Path, epochs: int, per_epoch: int, options: list[str]) -> float:
+    """Train (or resume) a run on fresh particles from the map at this noise level; seconds taken."""
+    from cryo_forum.cli import main as cli
+
+    command = ["train", "--volume", str(volume), "--apix", str(APIX), "--image-size", str(SIZE), "--snr", str(snr)]
+    command += ["--ctf", "--outliers", "0.1", "--epochs", str(epochs), "--particles-per-epoch", str(per_epoch)]
+    command += ["--out", str(run), *options]
+    if (run / "config.yaml").exists():
+        command = ["train", "--resume", "--out", str(run), "--epochs", str(epochs)]
+    started = time.perf_counter()
+    if cli(command) != 0:
+        raise SystemExit(f"training {run} failed")
+    return time.perf_counter() - started
+
+
+def predict(run: Path, test_star: Path, predicted: Path) -> float:
+    """Predict the test set with a run into ``predicted`` (replacing it); seconds taken."""
+    from cryo_forum.cli import main as cli
+
+    predicted.unlink(missing_ok=True)
+    started = time.perf_counter()
+    if cli(["predict", "--model", str(run), "--star", str(test_star), "--out", str(predicted)]) != 0:
+        raise SystemExit(f"predicting {test_star} with {run} failed")
+    return time.perf_counter() - started
+
+
+def inlier_errors_deg(predicted: Path, test_star: Path) -> np.ndarray:
+    """Angular errors in degrees of the predicted poses of the test set's inliers (labelled outliers left out)."""
+    from cryo_forum import geometry
     from cryo_forum.io.particles import ParticleSet
     from cryo_forum.io.star import OUTLIER
+
+    truth = ParticleSet.open(test_star)
+    prediction = ParticleSet.open(predicted)
+    inlier = truth.table[OUTLIER].to_numpy() == 0
+    return np.degrees(geometry.geodesic_distance(prediction.quaternions(), truth.quaternions()))[inlier]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from cryo_forum.plots import error_histogram
 
     out = args.out or ROOT / "bench" / "results" / f"accuracy_snr{args.snr:g}"
     out.mkdir(parents=True, exist_ok=True)
-    test_star = out / "test" / "particles.star"
-    if not test_star.exists():
-        command = [
-            "simulate",
-            "--volume",
-            str(args.volume),
-            "--n",
-            str(args.n_test),
-            "--size",
-            str(SIZE),
-            "--apix",
-            str(APIX),
-            "--snr",
-            str(args.snr),
-            "--ctf",
-            "--outliers",
-            "0.1",
-            "--seed",
-            str(TEST_SEED),
-            "--out",
-            str(out / "test"),
-        ]
-        if cli(command) != 0:
-            return 1
+    test_star = simulate_test_set(args.volume, args.snr, args.n_test, out / "test")
     run = out / "run"
-    train = [
-        "train",
-        "--volume",
-        str(args.volume),
-        "--apix",
-        str(APIX),
-        "--image-size",
-        str(SIZE),
-        "--snr",
-        str(args.snr),
-        "--ctf",
-        "--outliers",
-        "0.1",
-        "--epochs",
-        str(args.epochs),
-        "--particles-per-epoch",
-        str(args.particles_per_epoch),
-        "--encoder",
-        args.encoder,
-        "--head",
-        args.head,
-        "--out",
-        str(run),
-        *args.extra,
-    ]
-    if (run / "config.yaml").exists():
-        train = ["train", "--resume", "--out", str(run), "--epochs", str(args.epochs)]
-    started = time.perf_counter()
-    if cli(train) != 0:
-        return 1
-    train_seconds = time.perf_counter() - started
+    options = ["--encoder", args.encoder, "--head", args.head, *args.extra]
+    train_seconds = train_from_map(args.volume, args.snr, run, args.epochs, args.particles_per_epoch, options)
     predicted = out / "predicted.star"
-    if predicted.exists():
-        predicted.unlink()
-    started = time.perf_counter()
-    if cli(["predict", "--model", str(run), "--star", str(test_star), "--out", str(predicted)]) != 0:
-        return 1
-    predict_seconds = time.perf_counter() - started
-    truth = ParticleSet.open(test_star)
-    prediction = ParticleSet.open(predicted)
-    inlier = truth.table[OUTLIER].to_numpy() == 0
-    errors = np.degrees(geometry.geodesic_distance(prediction.quaternions(), truth.quaternions()))[inlier]
+    predict_seconds = predict(run, test_star, predicted)
+    errors = inlier_errors_deg(predicted, test_star)
     result = {
         "snr": args.snr,
-        "n_test_inliers": int(inlier.sum()),
+        "n_test_inliers": len(errors),
         "median_deg": float(np.median(errors)),
         "mean_deg": float(np.mean(errors)),
         "p90_deg": float(np.percentile(errors, 90)),

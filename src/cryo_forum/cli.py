@@ -15,7 +15,19 @@ import sys
 from cryo_forum import __version__
 from cryo_forum.errors import CryoForumError
 
-COMMANDS = ["info", "simulate", "train", "predict", "export", "demo", "evaluate", "filter", "reconstruct", "fsc"]
+COMMANDS = [
+    "info",
+    "simulate",
+    "train",
+    "predict",
+    "export",
+    "demo",
+    "evaluate",
+    "filter",
+    "reconstruct",
+    "fsc",
+    "match",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,6 +145,43 @@ def random_quaternions(n: int, rng: np.random.Generator | int | None = None) -> 
     return canonical_quaternion(q / np.linalg.norm(q, axis=-1, keepdims=True))
 
 
+def grid_size_for_spacing(spacing_deg: float) -> int:
+    """Number of rotations of an SO(3) grid with angular spacing ``spacing_deg``, counted as RELION does.
+
+    RELION's HEALPix order k samples 12 * 4^k viewing directions at 60 / 2^k degrees, each with in-plane angles
+    at the same step: 15 552 000 / spacing^3 rotations in all (36 864 at 7.5 degrees).
+    """
+    if not spacing_deg > 0:
+        raise ValueError(f"the grid spacing must be positive, got {spacing_deg}")
+    return int(np.ceil(12.0 * (60.0 / spacing_deg) ** 2 * (360.0 / spacing_deg)))
+
+
+def rotation_grid(spacing_deg: float) -> np.ndarray:
+    """A near-uniform deterministic grid of SO(3) at ``spacing_deg`` as canonical quaternions [n, 4].
+
+    Super-Fibonacci spiral (Alexa, CVPR 2022): point i of n on the 3-sphere is
+    ``(r sin a, r cos a, R sin b, R cos b)`` with ``r = sqrt(s / n)``, ``R = sqrt(1 - s / n)``, ``s = i + 1/2``,
+    ``a = 2 pi s / sqrt(2)`` and ``b = 2 pi s / 1.5337511687552043``. Its n follows :func:`grid_size_for_spacing`.
+    """
+    n = grid_size_for_spacing(spacing_deg)
+    s = np.arange(n, dtype=np.float64) + 0.5
+    r, big_r = np.sqrt(s / n), np.sqrt(1.0 - s / n)
+    alpha, beta = 2.0 * np.pi * s / np.sqrt(2.0), 2.0 * np.pi * s / 1.533751168755204288118041
+    q = np.stack([r * np.sin(alpha), r * np.cos(alpha), big_r * np.sin(beta), big_r * np.cos(beta)], axis=-1)
+    return canonical_quaternion(q)
+
+
+def local_rotation_offsets(step_deg: float, half_width: int) -> np.ndarray:
+    """Small rotations on a cubic grid of rotation vectors, ``step_deg * {-m..m}^3``, as quaternions [(2m+1)^3, 4].
+
+    ``quaternion_multiply(offsets, q)`` turns a pose into its neighbourhood for a local search; an offset's
+    geodesic distance from the identity is the length of its rotation vector.
+    """
+    ticks = np.radians(step_deg) * np.arange(-half_width, half_width + 1)
+    vectors = np.stack(np.meshgrid(ticks, ticks, ticks, indexing="ij"), axis=-1).reshape(-1, 3)
+    return canonical_quaternion(Rotation.from_rotvec(vectors).as_quat())
+
+
 # ---------------------------------------------------------------- point groups
 
 _ICOSAHEDRAL_GENERATORS = {

@@ -70,11 +70,16 @@ class FourierProjector:
             self._project_matrices_eager,
             input_signature=[tf.TensorSpec([None, 3, 3], tf.float32)],
         )
+        self._slices = tf.function(
+            self._interpolate,
+            input_signature=[tf.TensorSpec([None, 3, 3], tf.float32), tf.TensorSpec([None, 2], tf.float32)],
+        )
 
-    def _project_matrices_eager(self, matrices: tf.Tensor) -> tf.Tensor:
-        size, padded = self.size, self.padded_size
+    def _interpolate(self, matrices: tf.Tensor, frequencies: tf.Tensor) -> tf.Tensor:
+        """Trilinear reads of the padded spectrum [N, P] at image frequencies [P, 2] (padded-grid units) under A."""
+        padded = self.padded_size
         # Frequency (x, y, z) of the map sampled by image frequency k: A^T [kx, ky, 0] = kx A[0] + ky A[1].
-        coords = tf.einsum("pj,njc->npc", self._frequencies, matrices[:, :2, :]) + float(padded // 2)
+        coords = tf.einsum("pj,njc->npc", frequencies, matrices[:, :2, :]) + float(padded // 2)
         base = tf.floor(coords)
         frac = coords - base
         base = tf.cast(base, tf.int32)
@@ -87,9 +92,23 @@ class FourierProjector:
             )  # [N, P] product over x, y, z
             flat = (index[..., 2] * padded + index[..., 1]) * padded + index[..., 0]  # array order [z, y, x]
             values += tf.complex(weight, 0.0) * tf.gather(self._spectrum, flat)
-        half = tf.reshape(values, [-1, size, size // 2 + 1]) * self._mask
+        return values
+
+    def _project_matrices_eager(self, matrices: tf.Tensor) -> tf.Tensor:
+        size = self.size
+        half = tf.reshape(self._interpolate(matrices, self._frequencies), [-1, size, size // 2 + 1]) * self._mask
         images = tf.signal.irfft2d(half, fft_length=[size, size])
         return tf.roll(images, shift=[size // 2, size // 2], axis=[1, 2])  # origin from index 0 to D // 2
+
+    def central_slices(self, matrices, frequencies) -> tf.Tensor:
+        """Spectra of the projections at chosen frequencies only: matrices A [N, 3, 3], frequencies [P, 2] -> [N, P].
+
+        ``frequencies`` are (kx, ky) in cycles per box, below Nyquist; the values are those of
+        ``rfft2(ifftshift(projection))`` there (phases relative to the box centre ``D // 2``), computed without
+        forming the images, which is what a search that scores thousands of poses per particle needs.
+        """
+        scaled = tf.convert_to_tensor(frequencies, tf.float32) * float(self.oversampling)
+        return self._slices(tf.convert_to_tensor(matrices, tf.float32), scaled)
 
     def project(self, rotations) -> tf.Tensor:
         """Project at poses given as quaternions [N, 4] ([x, y, z, w] of A) or matrices A [N, 3, 3] -> [N, D, D]."""

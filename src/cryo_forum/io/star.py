@@ -58,6 +58,7 @@ DISPERSION_TRACE = "cfDispersionTrace"
 EIGEN_GAP = "cfEigenGap"
 MAX_DISPERSION = "cfMaxDispersion"
 EIGENVALUES = ("cfEigenvalue1", "cfEigenvalue2", "cfEigenvalue3", "cfEigenvalue4")  # ascending
+MATCH_SCORE = "cfMatchScore"  # projection matching: normalised cross-correlation, larger = better
 
 ANGLES = (ANGLE_ROT, ANGLE_TILT, ANGLE_PSI)
 
