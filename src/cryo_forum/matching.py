@@ -190,12 +190,15 @@ class ProjectionMatcher:
     def _slices(self, quaternions: np.ndarray, band: _Band) -> np.ndarray:
         """Central slices of the map [N, K] (complex64) at poses [N, 4] on ``band``, in chunks of bounded memory."""
         matrices = geometry.quaternion_to_matrix(quaternions).astype(np.float32)
-        chunk = max(1, 8_000_000 // len(band.frequencies))
+        chunk = min(len(matrices), max(1, 4_000_000 // len(band.frequencies)))
+        padded = np.concatenate(
+            [matrices, np.broadcast_to(np.eye(3, dtype=np.float32), (-len(matrices) % chunk, 3, 3))]
+        )
         parts = [
-            self.projector.central_slices(matrices[start : start + chunk], band.frequencies).numpy()
-            for start in range(0, len(matrices), chunk)
+            self.projector.central_slices(padded[start : start + chunk], band.frequencies).numpy()
+            for start in range(0, len(padded), chunk)
         ]
-        return np.concatenate(parts)
+        return np.concatenate(parts)[: len(matrices)]
 
     def _coarse_references(self) -> tuple[tf.Tensor, tf.Tensor]:
         slices = self._slices(self.grid, self.coarse)
