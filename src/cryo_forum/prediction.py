@@ -16,7 +16,7 @@ from cryo_forum import uncertainty
 from cryo_forum.geometry import quaternion_to_euler
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.model import OrientationEstimator
+from cryo_forum.model import OrientationEstimator, inference_function
 from cryo_forum.pipeline import prediction_batches
 from cryo_forum.preprocess import Preprocessor
 
@@ -54,9 +54,10 @@ def predict_particles(
     eigenvalues = np.full((len(indices), 4), np.nan)
     position = {int(index): row for row, index in enumerate(indices)}
     dataset = prediction_batches(particles, preprocessor, batch_size, indices=indices)
+    forward = inference_function(model)
     with tqdm(total=len(indices), unit="particle", file=sys.stderr, disable=not progress) as bar:
         for batch_indices, images in dataset:
-            outputs = model(images, training=False)
+            outputs = forward(images)
             rows = [position[int(i)] for i in batch_indices.numpy()]
             quaternions[rows] = outputs["quaternion"].numpy()
             if "eigenvalues" in outputs:
