@@ -1,8 +1,9 @@
-"""MRC stacks and volumes: round trips, memory maps, atomic writers and errors that name the file."""
+"""MRC stacks and volumes: round trips, memory maps, row reads by offset, atomic writers and errors naming the file."""
 
 import mrcfile
 import numpy as np
 import pytest
+from mrcfile.dtypes import HEADER_DTYPE
 
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import mrc
@@ -116,3 +117,76 @@ def test_wrong_dimensionality_is_refused(tmp_path):
     mrc.write_stack(rectangular, np.zeros((2, 8, 10)), 1.0)
     with pytest.raises(CryoForumError, match=r"rect.mrcs.*square"):
         mrc.open_stack(rectangular)
+
+
+MODES = {np.int8: 0, np.int16: 1, np.float32: 2, np.uint16: 6, np.float16: 12}
+
+
+def write_raw_stack(path, images, byte_order="<", extended=b""):
+    """An MRC stack built byte by byte with numpy (not mrcfile's writer), in either byte order."""
+    n, ny, nx = images.shape
+    header = np.zeros((), HEADER_DTYPE.newbyteorder(byte_order))
+    header["nx"], header["ny"], header["nz"] = nx, ny, n
+    header["mx"], header["my"], header["mz"] = nx, ny, n
+    header["mode"] = MODES[images.dtype.type]
+    header["cella"] = (nx * 1.5, ny * 1.5, n * 1.5)
+    header["cellb"] = (90.0, 90.0, 90.0)
+    header["mapc"], header["mapr"], header["maps"] = 1, 2, 3
+    header["nsymbt"] = len(extended)
+    header["exttyp"] = b"MRCO"
+    header["nversion"] = 20140
+    header["map"] = b"MAP "
+    header["machst"] = (0x44, 0x44, 0, 0) if byte_order == "<" else (0x11, 0x11, 0, 0)
+    path.write_bytes(header.tobytes() + extended + images.astype(images.dtype.newbyteorder(byte_order)).tobytes())
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+@pytest.mark.parametrize("dtype", list(MODES), ids=[np.dtype(t).name for t in MODES])
+def test_stack_reader_matches_the_memory_map_in_any_order(tmp_path, dtype, byte_order):
+    rng = np.random.default_rng(3)
+    images = (rng.normal(size=(9, 6, 6)) * 40).clip(-120, 120).astype(dtype)
+    path = tmp_path / "stack.mrcs"
+    write_raw_stack(path, images, byte_order, extended=b"x" * 100)  # data starts at byte 1124
+    reference = mrcfile.mmap(path, mode="r", permissive=True).data
+    assert reference.dtype.byteorder in ("=", "|", "<" if byte_order == "<" else ">")
+    np.testing.assert_array_equal(reference, images)
+    reader = mrc.StackReader(path)
+    assert reader.shape == (9, 6, 6) and len(reader) == 9
+    for rows in ([0], [8], [3, 4, 5], [2, 7, 0, 7, 7, 1, 2, 3, 8], rng.permutation(9), np.arange(9), []):
+        got = reader.read(rows)
+        assert got.dtype == np.float32 and got.shape == (len(rows), 6, 6)
+        np.testing.assert_array_equal(got, reference[np.asarray(rows, dtype=int)].astype(np.float32))
+
+
+def test_stack_reader_of_a_single_image_and_out_of_range_rows(tmp_path):
+    image = np.arange(64, dtype=np.float32).reshape(8, 8)
+    path = tmp_path / "one.mrc"
+    with mrcfile.new(path) as handle:
+        handle.set_data(image)
+    reader = mrc.StackReader(path)
+    np.testing.assert_array_equal(reader.read([0, 0]), [image, image])
+    with pytest.raises(IndexError, match=r"one\.mrc"):
+        reader.read([1])
+    with pytest.raises(IndexError, match=r"one\.mrc"):
+        reader.read([-1])
+
+
+def test_stack_reader_names_a_file_truncated_after_opening(tmp_path):
+    path = tmp_path / "shrinking.mrcs"
+    mrc.write_stack(path, np.ones((4, 8, 8)), 1.0)
+    reader = mrc.StackReader(path)
+    np.testing.assert_array_equal(reader.read([3]), np.ones((1, 8, 8)))
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 8 * 8 * 4)
+    with pytest.raises(CryoForumError, match=r"shrinking\.mrcs: corrupt or truncated"):
+        reader.read([2, 3])
+    np.testing.assert_array_equal(reader.read([2]), np.ones((1, 8, 8)))
+
+
+@pytest.mark.parametrize("damage", test_bad_mrc_files_raise_naming_the_file.pytestmark[0].args[1][1:])
+def test_stack_reader_refuses_bad_files_like_open_stack(tmp_path, damage):
+    good = write_valid(tmp_path / "good.mrcs")
+    path = tmp_path / "bad.mrcs"
+    path.write_bytes(damage(good))
+    with pytest.raises(CryoForumError, match=r"bad\.mrcs"):
+        mrc.StackReader(path)

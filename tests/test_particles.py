@@ -1,8 +1,10 @@
 """ParticleSet: metadata merged with optics, lazy images across stacks, path resolution, errors, STAR output."""
 
 import inspect
+import os
 import tracemalloc
 
+import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from scipy.spatial.transform import Rotation
 
 from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import CryoForumError
+from cryo_forum.io import particles as particles_module
 from cryo_forum.io import star
 from cryo_forum.io.mrc import stack_writer, write_stack, write_volume
 from cryo_forum.io.particles import ParticleSet
@@ -88,7 +91,7 @@ def test_images_across_two_stacks_keep_the_requested_order(relion31):
     assert subset.table[star.IMAGE_NAME].tolist() == [NAMES[4], NAMES[1]]
 
 
-def test_reading_is_memory_mapped(tmp_path):
+def test_reading_allocates_only_the_requested_images(tmp_path):
     path = tmp_path / "big.mrcs"
     n, box = 1000, 64  # a 16 MB stack
     with stack_writer(path, n, box, pixel_size=1.0) as out:
@@ -100,6 +103,40 @@ def test_reading_is_memory_mapped(tmp_path):
     tracemalloc.stop()
     np.testing.assert_array_equal(images[:, 0, 0], [999, 3])
     assert peak < 1_000_000  # two 16 kB images plus bookkeeping, not the 16 MB stack
+
+
+def test_shuffled_repeated_reads_over_many_stacks_match_memory_maps(tmp_path, monkeypatch):
+    """Stacks of several MRC modes; any order with repeats equals the memory-map reference, few files open."""
+    monkeypatch.setattr(particles_module, "_OPEN_STACKS", 2)
+    rng = np.random.default_rng(5)
+    dtypes = [np.float32, np.int16, np.uint16, np.float16, np.int8, np.float32]
+    names, reference = [], []
+    for s, dtype in enumerate(dtypes):
+        count = 3 + s
+        stack = (rng.normal(size=(count, 8, 8)) * 30 + (60 if dtype in (np.uint16,) else 0)).astype(dtype)
+        with mrcfile.new(tmp_path / f"s{s}.mrcs") as handle:
+            handle.set_data(stack)
+            handle.set_image_stack()
+        names += [f"{k + 1:06d}@s{s}.mrcs" for k in range(count)]
+        reference.append(mrcfile.mmap(tmp_path / f"s{s}.mrcs", mode="r").data.astype(np.float32))
+    reference = np.concatenate(reference)
+    path = tmp_path / "many.star"
+    star.write_star(path, {"particles": pd.DataFrame({star.IMAGE_NAME: names})})
+    particles = ParticleSet.open(path)
+    fds = len(os.listdir("/proc/self/fd"))
+    for order in (rng.permutation(len(names)), rng.integers(0, len(names), 40), np.arange(len(names))[::-1]):
+        for batch in np.array_split(order, 4):
+            np.testing.assert_array_equal(particles.images(batch), reference[batch])
+        assert len(os.listdir("/proc/self/fd")) <= fds + 2  # dropped readers close their files
+    particles.validate()
+
+
+def test_validate_finds_the_highest_index_of_every_stack(tmp_path):
+    write_stacks(tmp_path)
+    path = tmp_path / "particles.star"
+    names = ["000002@b.mrcs", "000006@a.mrcs", "000004@b.mrcs", "000001@a.mrcs", "000003@b.mrcs", "000002@a.mrcs"]
+    star.write_star(path, relion31_blocks(names=names))
+    assert_fails_naming(r"a.mrcs: image 6 requested but the stack holds 5", ParticleSet.open(path).validate, tmp_path)
 
 
 def test_optics_values_are_merged_per_particle(relion31):

@@ -1,5 +1,7 @@
 """STAR reading and writing: RELION 3.0, 3.1 and 5 layouts survive a round trip, checked with plain starfile."""
 
+import csv
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -127,3 +129,84 @@ def test_bad_star_files_name_the_file(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(CryoForumError, match=r"bad\.star"):
         star.read_star(path)
+
+
+def mixed_block() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            star.IMAGE_NAME: ["000001@my stack.mrcs", "000002@a.mrcs", "000003@a.mrcs"],
+            "rlnNote": ["two words", "", "plain"],
+            star.CLASS_NUMBER: np.array([1, -2, 30], dtype=np.int64),
+            star.ANGLE_ROT: [0.1234564, np.nan, -179.5],
+            "cfScore": np.array([1.5, 2.25, np.nan], dtype=np.float32),
+            star.OUTLIER: [True, False, True],
+        }
+    )
+
+
+def test_written_rows_are_pinned_and_read_back_exactly_by_starfile(tmp_path):
+    path = tmp_path / "mixed.star"
+    star.write_star(path, {"general": {"rlnFlag": True, "rlnText": "a b", "rlnSize": 1.5}, "particles": mixed_block()})
+    text = path.read_text()
+    assert '_rlnFlag\t\t\t1\n_rlnText\t\t\t"a b"\n_rlnSize\t\t\t1.5\n' in text
+    assert '"000001@my stack.mrcs"\t"two words"\t1\t0.123456\t1.500000\t1\n' in text
+    assert '000002@a.mrcs\t""\t-2\tnan\t2.250000\t0\n000003@a.mrcs\tplain\t30\t-179.500000\tnan\t1\n\n\n' in text
+    expected = mixed_block().assign(**{star.ANGLE_ROT: [0.123456, np.nan, -179.5], star.OUTLIER: [1, 0, 1]})
+    expected["cfScore"] = expected["cfScore"].astype(np.float64)
+    for read in (starfile.read(path, always_dict=True), star.read_star(path)):
+        assert read["general"] == {"rlnFlag": 1, "rlnText": "a b", "rlnSize": 1.5}
+        pd.testing.assert_frame_equal(read["particles"], expected, check_exact=True)
+
+
+def test_reading_agrees_with_starfile_on_hand_written_files(tmp_path):
+    text = (
+        "\n# version 30001\n\ndata_optics\n\nloop_ \n_rlnOpticsGroupName #1 \n_rlnOpticsGroup #2 \n"
+        "_rlnImagePixelSize #3 \nopticsGroup1            1     1.060000 \n \n\n"
+        "data_empty\n\nloop_\n_rlnX #1\n_rlnY #2\n\n"
+        "data_general\n\n_rlnTomoSubTomosAre2DStacks                       1\n_rlnMicrographName 0001\n"
+        "_rlnWord 'a b'\n\n"
+        "data_particles\r\n\r\nloop_\r\n_rlnImageName #1\r\n_rlnMicrographName #2\r\n_rlnNote #3\r\n_rlnCode #4\r\n"
+        "_rlnAllNan #5\r\n_rlnValue #6\r\n_rlnEmpty #7\r\n# a comment line\r\n"
+        "  000001@Extract/a.mrcs   0001   'single quoted'   0002  nan  1 \"\" # trailing comment\r\n\r\n"
+        '000002@Extract/a.mrcs 0002 "double quoted" 0010 nan <NA> ""\r\n'
+        "000003@Extract/a.mrcs 0003 plain 7 NaN 2.5 ''"
+    )
+    path = tmp_path / "quirks.star"
+    path.write_bytes(text.encode())
+    reference = starfile.read(path, always_dict=True, parse_as_string=star.STRING_COLUMNS)
+    mine = star.read_star(path)
+    assert list(mine) == ["optics", "empty", "general", "particles"] == list(reference)
+    general = {"rlnTomoSubTomosAre2DStacks": 1, star.MICROGRAPH_NAME: "0001", "rlnWord": "a b"}
+    assert mine["general"] == reference["general"] == general
+    for name in ("optics", "empty", "particles"):
+        pd.testing.assert_frame_equal(mine[name], reference[name], check_exact=True)
+    particles = mine["particles"]
+    assert particles["rlnNote"].tolist() == ["single quoted", "double quoted", "plain"]
+    assert particles[star.MICROGRAPH_NAME].tolist() == ["0001", "0002", "0003"]
+    assert particles["rlnCode"].tolist() == [2, 10, 7] and len(mine["empty"]) == 0
+    assert particles["rlnEmpty"].tolist() == ["", "", ""]  # all-empty text is not taken for missing numbers
+
+
+def test_long_loops_are_read_completely(tmp_path):
+    n = 6000  # about 400 kB of rows: more than one read of the streaming parser
+    block = pd.DataFrame(
+        {
+            star.IMAGE_NAME: [f"{i + 1:06d}@Extract/job012/Movies/stack_{i // 100:04d}.mrcs" for i in range(n)],
+            star.ANGLE_ROT: np.linspace(-180, 180, n).round(6),
+            star.RANDOM_SUBSET: np.arange(n) % 2 + 1,
+        }
+    )
+    path = tmp_path / "long.star"
+    star.write_star(path, {"optics": pd.DataFrame({star.OPTICS_GROUP: [1]}), "particles": block}, version=30001)
+    assert path.stat().st_size > 300_000
+    read = star.read_star(path)
+    pd.testing.assert_frame_equal(read["particles"], block, check_exact=True)
+    assert read["optics"][star.OPTICS_GROUP].tolist() == [1]
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    block = mixed_block()
+    block.loc[2, "rlnNote"] = "tab\tinside"  # cannot be written unquoted: the row fails after others were written
+    with pytest.raises(csv.Error):
+        star.write_star(tmp_path / "out.star", {"particles": block})
+    assert list(tmp_path.iterdir()) == []

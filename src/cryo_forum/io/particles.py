@@ -1,4 +1,4 @@
-"""ParticleSet: particle metadata as one pandas table, images read lazily from memory-mapped MRC stacks.
+"""ParticleSet: particle metadata as one pandas table, images read lazily, by rows, from MRC stacks.
 
 Opened from a RELION STAR file (3.0, 3.1/4.0 or 5), a cryoSPARC ``.cs`` file or a bare ``.mrcs`` stack.
 ``rlnImageName`` ``"000001@stack.mrcs"`` is 1-based; a relative stack path is looked up beside the STAR
@@ -22,33 +22,37 @@ from cryo_forum import geometry
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.io.cryosparc import read_cs
-from cryo_forum.io.mrc import mrc_info, open_stack
+from cryo_forum.io.mrc import StackReader, mrc_info, open_stack
 
 STACK_SUFFIXES = (".mrcs", ".mrc", ".st")
 RELION_31_VERSION = 30001  # the "# version" tag of the RELION 3.1/4.0 STAR layout
 _VERSION_NAMES = {30001: "3.1", 50001: "5"}
-_OPEN_STACKS = 64  # memory maps kept open at once
+_OPEN_STACKS = 64  # stack files kept open at once (least recently used closed first)
 
 
 class _StackCache:
-    """Resolved paths and open memory maps of stacks, shared between a set and its subsets."""
+    """Resolved paths and open readers of stacks, shared between a set and its subsets.
+
+    Shuffled batches over many stacks reuse open files instead of reopening them; a reader dropped from
+    the cache closes its file once no thread is still reading from it.
+    """
 
     def __init__(self) -> None:
         self.paths: dict[str, Path] = {}
-        self.maps: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self.readers: OrderedDict[Path, StackReader] = OrderedDict()
         self.lock = threading.Lock()  # tf.data may read from several threads
 
-    def open(self, path: Path) -> np.ndarray:
+    def open(self, path: Path) -> StackReader:
         with self.lock:
-            if path in self.maps:
-                self.maps.move_to_end(path)
-                return self.maps[path]
-        stack = open_stack(path)
+            if path in self.readers:
+                self.readers.move_to_end(path)
+                return self.readers[path]
+        reader = StackReader(path)
         with self.lock:
-            self.maps[path] = stack
-            if len(self.maps) > _OPEN_STACKS:
-                self.maps.popitem(last=False)
-        return stack
+            self.readers[path] = reader
+            if len(self.readers) > _OPEN_STACKS:
+                self.readers.popitem(last=False)
+        return reader
 
 
 def _partition_image_names(names: pd.Series) -> pd.DataFrame:
@@ -300,7 +304,7 @@ class ParticleSet:
         """The file of one of ``stack_names``; CryoForumError listing the places searched if absent."""
         return self._resolve(name)
 
-    def _stack(self, code: int) -> np.ndarray:
+    def _stack(self, code: int) -> StackReader:
         return self._cache.open(self._resolve(self.stack_names[code]))
 
     def _as_indices(self, indices) -> np.ndarray:
@@ -315,15 +319,21 @@ class ParticleSet:
         return indices
 
     def images(self, indices) -> np.ndarray:
-        """Images [n, D, D] float32 of the particles ``indices`` (in that order), read from memory maps."""
+        """Images [n, D, D] float32 of the particles ``indices`` (in that order).
+
+        Each stack's rows are read once, sorted, in runs of consecutive images, with positioned reads rather
+        than through a memory map, so resident memory stays at the batch however much of the stacks is read.
+        """
         indices = self._as_indices(indices)
         size = self.box_size
         out = np.empty((len(indices), size, size), dtype=np.float32)
         codes = self._codes[indices]
-        for code in np.unique(codes):
-            where = np.flatnonzero(codes == code)
+        by_stack = np.argsort(codes, kind="stable")
+        groups = np.split(by_stack, np.flatnonzero(np.diff(codes[by_stack])) + 1) if len(indices) else []
+        for where in groups:  # positions in ``indices`` of the particles of one stack, ascending
+            code = int(codes[where[0]])
             path = self._resolve(self.stack_names[code])
-            stack = self._stack(int(code))
+            stack = self._stack(code)
             if stack.shape[-1] != size:
                 raise CryoForumError(f"{path}: images are {stack.shape[-1]} px but the particle box is {size} px")
             rows = self._index[indices[where]]
@@ -334,7 +344,7 @@ class ParticleSet:
                     f"but the stack holds {len(stack)} images"
                 )
             unique_rows, inverse = np.unique(rows, return_inverse=True)
-            block = np.asarray(stack[unique_rows], dtype=np.float32)
+            block = stack.read(unique_rows)
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
                 first = int(np.flatnonzero(~finite[inverse])[0])
@@ -354,13 +364,14 @@ class ParticleSet:
     def validate(self) -> None:
         """Check that every stack exists and is readable, indices lie in range and all boxes are equal."""
         sizes: dict[Path, int] = {}
+        tops = np.full(len(self.stack_names), -1, dtype=np.int64)
+        np.maximum.at(tops, self._codes, self._index)  # the highest image index of each stack, in O(N)
         for code, name in enumerate(self.stack_names):
-            mine = self._codes == code
-            if not mine.any():
+            if tops[code] < 0:
                 continue
             path = self._resolve(name)
             stack = self._stack(code)
-            top = int(self._index[mine].max())
+            top = int(tops[code])
             if top >= len(stack):
                 raise CryoForumError(f"{path}: image {top + 1} requested but the stack holds {len(stack)} images")
             sizes[path] = int(stack.shape[-1])
