@@ -11,6 +11,11 @@ timing comes after a warm-up (tracing) and is repeated --repeats times; best and
   at 64 and 128 px, in batches of 256, the outputs fetched to numpy: eagerly, ``model(images, training=False)``
   per batch (how a Keras user calls a model); and through cryo_forum.model.inference_function, the graph that
   cryo_forum.prediction.predict_particles (``cryo-forum predict``) uses.
+* Projection matching (particles/s) at the same sizes: ``cryo_forum.matching.match_particles`` (what
+  ``cryo-forum match`` runs, default settings) on particles simulated from the built-in map, after a warm-up run
+  (XLA compilation); the one-off set-up (36 864 coarse references) is timed apart from the per-particle search,
+  best of two passes over --match-particles particles.
+  The speed-up of amortised inference is matching's seconds per particle over the graph prediction's.
 * Training (pairs/s) at 64 px with the package's AdamW optimiser (make_optimizer), timed with ``model.fit``:
   - in-batch: OrientationEstimator's own train_step. One batch of 64 images gives 64 * 63 / 2 = 2016 pairs
     for the distance loss (plus the direct loss and the Bingham likelihood it also computes).
@@ -53,11 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--predict-batches", type=int, default=8, help="batches of 256 per timed prediction repeat")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="prediction image sizes (px)")
     parser.add_argument("--matmul", type=int, nargs="+", default=[2048, 4096], help="matmul sizes N for the peak")
+    parser.add_argument("--match-particles", type=int, default=128, help="particles timed for projection matching")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput")
     parser.add_argument("--quick", action="store_true", help="shrink everything to a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps, args.predict_batches, args.matmul = 2, 2, 1, [256, 512]
+        args.match_particles = 8
     return args
 
 
@@ -120,6 +127,35 @@ def prediction_throughput(image_size: int, batches: int, repeats: int) -> dict:
         result[name] = {**rates(batches * PREDICT_BATCH, times), "seconds": times}
     result["parameters"] = int(model.count_params())
     return result
+
+
+def matching_throughput(image_size: int, n: int) -> dict:
+    """Seconds of projection matching's set-up and per particle, at ``image_size`` px, on ``n`` particles."""
+    import tempfile
+
+    from cryo_forum.io.particles import ParticleSet
+    from cryo_forum.matching import MatchSettings, ProjectionMatcher, ctf_on_rfft_grid, shell_noise_power
+    from cryo_forum.simulate import write_simulation
+    from cryo_forum.volumes import example_map_path, load_volume
+
+    volume, pixel_size = load_volume(example_map_path(), pixel_size=2.0 * 64 / image_size, size=image_size)
+    with tempfile.TemporaryDirectory() as folder:
+        write_simulation(folder, volume, pixel_size, n=n, snr=0.1, ctf=True, seed=1)
+        particles = ParticleSet.open(Path(folder) / "particles.star")
+        rows = np.arange(n)
+        images, ctf, origins = particles.images(rows), ctf_on_rfft_grid(particles, rows), np.zeros((n, 2))
+        started = time.perf_counter()
+        matcher = ProjectionMatcher(volume, MatchSettings(), shell_noise_power(particles))
+        setup = time.perf_counter() - started
+    batch = matcher.settings.batch_size
+
+    def search_all() -> None:
+        for first in range(0, n, batch):
+            matcher.search(images[first : first + batch], ctf[first : first + batch], origins[first : first + batch])
+
+    search_all()  # warm-up: XLA compiles the central slices once per shape
+    per_particle = min(seconds_of(search_all, 2)) / n
+    return {"n": n, "setup_seconds": setup, "seconds_per_particle": per_particle, "particles_per_s": 1.0 / per_particle}
 
 
 def random_poses(n: int, seed: int) -> np.ndarray:
@@ -300,8 +336,8 @@ def plot(result: dict, path: Path) -> None:
 
     from cryo_forum.plots import save_png
 
-    figure = Figure(figsize=(14, 4.5))
-    left, middle, right = figure.subplots(1, 3)
+    figure = Figure(figsize=(18, 4.5))
+    left, versus, middle, right = figure.subplots(1, 4)
     sizes = list(result["prediction"])
     x = np.arange(len(sizes))
     for offset, mode, label in (
@@ -316,6 +352,19 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("particles / s (best)")
     left.set_title(f"Prediction, default model, batches of {PREDICT_BATCH}")
     left.legend(fontsize=8, loc="upper right")
+
+    network = [result["prediction"][size]["tf_function"]["best"] for size in sizes]
+    matching = [result["matching"][size]["particles_per_s"] for size in sizes]
+    for offset, values, label in ((-0.2, network, "estimator (graph)"), (0.2, matching, "projection matching")):
+        bars = versus.bar(x + offset, values, 0.4, label=label)
+        versus.bar_label(bars, fmt="%.3g", fontsize=8)
+    versus.set_yscale("log")
+    versus.set_ylim(min(matching) / 3, max(network) * 5)
+    versus.set_xticks(x, [f"{size} px" for size in sizes])
+    versus.set_ylabel("particles / s (log scale)")
+    speedups = ", ".join(f"{result['matching'][size]['speedup_of_prediction']:.0f}x" for size in sizes)
+    versus.set_title(f"Estimator vs projection matching: {speedups}")
+    versus.legend(fontsize=8, loc="upper right")
 
     training = result["training"]
     layouts = ("in_batch", "two_branch")
@@ -364,6 +413,12 @@ def summary(result: dict) -> str:
             f"({entry['images_per_s']['best']:.0f} images/s, {entry['pairs_per_step']} pairs per step)"
         )
     lines.append(f"in-batch / two-branch pairs/s: {training['ratio']:.1f}x (target >= 10x)")
+    for size, entry in result["matching"].items():
+        lines.append(
+            f"match {size:>3} px: {entry['seconds_per_particle'] * 1e3:.0f} ms/particle "
+            f"(+ {entry['setup_seconds']:.1f} s set-up); "
+            f"prediction is {entry['speedup_of_prediction']:.0f}x faster (target >= 100x)"
+        )
     efficiency = result["efficiency"]
     lines.append(f"matmul peak: {efficiency['peak_gflops_per_s']:.1f} GFLOP/s")
     for size, flops in result["flops_per_image"].items():
@@ -396,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         print(f"prediction at {size} px ...", flush=True)
         prediction[str(size)] = prediction_throughput(size, args.predict_batches, args.repeats)
+    matching = {}
+    for size in args.sizes:
+        print(f"projection matching at {size} px ...", flush=True)
+        entry = matching_throughput(size, args.match_particles)
+        entry["speedup_of_prediction"] = prediction[str(size)]["tf_function"]["best"] / entry["particles_per_s"]
+        matching[str(size)] = entry
     print("in-batch training ...", flush=True)
     in_batch = in_batch_training(args.steps, args.repeats)
     print("two-branch training ...", flush=True)
@@ -424,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops_per_s": peaks,
         "flops_per_image": flops,
         "prediction": prediction,
+        "matching": matching,
         "training": training,
         "efficiency": efficiency,
         "settings": {
