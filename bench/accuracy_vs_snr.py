@@ -5,9 +5,13 @@
 For each SNR (1, 0.1, 0.03, 0.01) one test set of 1000 particles is simulated from 5j0n (64 px, 4.58 A/px, CTF,
 10 % labelled outliers; the same seed as bench/accuracy.py). Each head (qcqp, quaternion, 6d, 9d) trains on fresh
 particles from the map at that SNR with the same budget (--epochs x --particles-per-epoch, default settings
-otherwise) and predicts the test set; `cryo-forum match` searches the same test set against the map. Errors are
-taken on the inliers. Writes bench/results/accuracy_vs_snr/result.json (every figure) and accuracy_vs_snr.png;
-each (SNR, method) is kept in its own folder with its result.json, so an interrupted run resumes where it stopped.
+otherwise) and predicts the test set; `cryo-forum match` searches the same test set against the map it was
+simulated from (test/volume.mrc: 5j0n boxed and centred as the simulation did). Errors are taken on the inliers.
+The qcqp runs of bench/accuracy.py (same test sets, longer training), where present, are drawn beside them and
+enter the target check at SNR 0.1 (best qcqp median / projection matching median).
+
+Writes bench/results/accuracy_vs_snr/result.json (every figure) and accuracy_vs_snr.png; each (SNR, method) is
+kept in its own folder with its result.json, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -49,14 +53,15 @@ def run_head(args: argparse.Namespace, head: str, snr: float, test_star: Path, f
     return {"train_seconds": round(train_seconds, 1), "seconds": round(seconds, 2), "errors": predicted}
 
 
-def run_match(args: argparse.Namespace, test_star: Path, folder: Path) -> dict:
+def run_match(test_star: Path, folder: Path) -> dict:
     """Projection matching of the test set against the map."""
     from cryo_forum.cli import main as cli
 
     predicted = folder / "predicted.star"
     predicted.unlink(missing_ok=True)
     started = time.perf_counter()
-    command = ["match", "--star", str(test_star), "--volume", str(args.volume), "--out", str(predicted)]
+    volume = test_star.parent / "volume.mrc"  # the map exactly as the test particles were projected from it
+    command = ["match", "--star", str(test_star), "--volume", str(volume), "--out", str(predicted)]
     if cli(command) != 0:
         raise SystemExit(f"projection matching of {test_star} failed")
     return {"seconds": round(time.perf_counter() - started, 2), "errors": predicted}
@@ -69,7 +74,7 @@ def measure(args: argparse.Namespace, method: str, snr: float, test_star: Path) 
     if saved.exists():
         return json.loads(saved.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    entry = run_match(args, test_star, folder) if method == "match" else run_head(args, method, snr, test_star, folder)
+    entry = run_match(test_star, folder) if method == "match" else run_head(args, method, snr, test_star, folder)
     errors = inlier_errors_deg(entry.pop("errors"), test_star)
     entry.update(
         method=method,
@@ -86,8 +91,26 @@ def measure(args: argparse.Namespace, method: str, snr: float, test_star: Path) 
     return entry
 
 
-def plot(entries: list[dict], path: Path) -> None:
-    """Median and mean error against SNR, one line per method."""
+def long_runs() -> list[dict]:
+    """The qcqp runs of bench/accuracy.py (same test sets, longer training), where they have been run."""
+    found = (
+        json.loads(path.read_text()) for path in sorted((ROOT / "bench" / "results").glob("accuracy_snr*/result.json"))
+    )
+    return sorted((run for run in found if run["head"] == "qcqp"), key=lambda run: run["snr"])
+
+
+def target_check(entries: list[dict], references: list[dict]) -> dict | None:
+    """At SNR 0.1: the best qcqp median (this budget or a longer run) against projection matching's."""
+    at = [e for e in entries if e["snr"] == 0.1]
+    matching = next((e["median_deg"] for e in at if e["method"] == "match"), None)
+    qcqp = [e["median_deg"] for e in [*at, *references] if e.get("method", e.get("head")) == "qcqp" and e["snr"] == 0.1]
+    if matching is None or not qcqp:
+        return None
+    return {"snr": 0.1, "qcqp_median_deg": min(qcqp), "match_median_deg": matching, "ratio": min(qcqp) / matching}
+
+
+def plot(entries: list[dict], references: list[dict], path: Path) -> None:
+    """Median and mean error against SNR, one line per method; longer qcqp runs as separate markers."""
     from matplotlib.figure import Figure
 
     from cryo_forum.plots import save_png
@@ -103,6 +126,11 @@ def plot(entries: list[dict], path: Path) -> None:
         label = "projection matching" if method == "match" else f"{method} head"
         axes[0].plot(snr, [e["median_deg"] for e in rows], label=label, **style)
         axes[1].plot(snr, [e["mean_deg"] for e in rows], label=label, **style)
+    if references:
+        label = "qcqp head, longer training (bench/accuracy.py)"
+        snr = [run["snr"] for run in references]
+        axes[0].plot(snr, [run["median_deg"] for run in references], "*", color="tab:blue", markersize=12, label=label)
+        axes[1].plot(snr, [run["mean_deg"] for run in references], "*", color="tab:blue", markersize=12, label=label)
     for axis, statistic in zip(axes, ("median", "mean"), strict=True):
         axis.set(xscale="log", yscale="log", xlabel="SNR", ylabel=f"{statistic} error on inliers (deg)")
         axis.grid(True, which="both", alpha=0.3)
@@ -120,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
             entry = measure(args, method, snr, test_star)
             print(f"SNR {snr:g} {method}: median {entry['median_deg']:.2f} deg, mean {entry['mean_deg']:.2f} deg")
             entries.append(entry)
+    references = long_runs()
     summary = {
         "command": "python bench/accuracy_vs_snr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "entries": entries,
+        "longer_qcqp_runs": references,
+        "target_snr0.1_qcqp_over_match": target_check(entries, references),
     }
     (args.out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(entries, args.out / "accuracy_vs_snr.png")
+    plot(entries, references, args.out / "accuracy_vs_snr.png")
+    print(json.dumps(summary["target_snr0.1_qcqp_over_match"]))
     return 0
 
 
