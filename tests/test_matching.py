@@ -12,6 +12,7 @@ from cryo_forum.matching import (
     COVERING,
     LOCAL_HALF_WIDTH,
     MatchSettings,
+    global_grid,
     half_plane_frequencies,
     match_particles,
     particle_spectra,
@@ -40,6 +41,14 @@ def test_rotation_grid_has_relions_count_and_covers_so3_uniformly():
     np.testing.assert_allclose(grid.T @ grid / len(grid), np.eye(4) / 4, atol=2e-3)
     spacing = nearest_angle_deg(grid, geometry.quaternion_multiply(geometry.rotation_grid(15.0), [0, 0, 0, 1]))
     assert spacing.max() < 1e-6  # deterministic
+
+
+def test_global_grid_with_symmetry_keeps_one_asymmetric_unit_that_still_covers_it():
+    full, reduced = geometry.rotation_grid(15.0), global_grid(15.0, "D2")
+    assert 0.25 < len(reduced) / len(full) < 0.4  # one unit of four, plus a border of one covering radius
+    poses = geometry.reduce_to_asymmetric_unit(geometry.random_quaternions(3000, rng=2), "D2")
+    assert nearest_angle_deg(reduced, poses).max() <= nearest_angle_deg(full, poses).max() + 1e-9
+    assert nearest_angle_deg(reduced, poses).max() < COVERING * 15.0 + 0.5
 
 
 def test_local_offsets_are_a_cube_of_rotation_vectors():
@@ -118,9 +127,23 @@ def test_match_without_shift_search_keeps_the_files_origins(shifted_particles):
     assert np.median(errors) < 2.0  # the search was centred on the file's (true) origins
 
 
+def test_match_with_symmetry_finds_poses_in_the_asymmetric_unit(tmp_path):
+    volume, pixel_size = load_volume(example_map_path(), size=32)
+    write_simulation(tmp_path, volume, pixel_size, n=8, snr=10.0, ctf=True, symmetry="D2", seed=6)
+    particles = ParticleSet.open(tmp_path / "particles.star")
+    table = match_particles(particles, volume, MatchSettings(symmetry="D2"), progress=False)
+    found = geometry.euler_to_quaternion(table[list(star.ANGLES)].to_numpy())
+    errors = np.degrees(geometry.symmetric_distance(found, particles.quaternions(), "D2"))
+    assert np.median(errors) < 2.0
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
-    [(["--coarse", "0"], "coarse must be positive"), (["--max-shift", "-1"], "max_shift must be >= 0")],
+    [
+        (["--coarse", "0"], "coarse must be positive"),
+        (["--max-shift", "-1"], "max_shift must be >= 0"),
+        (["--symmetry", "Q3"], "Q3"),
+    ],
 )
 def test_match_rejects_bad_settings(shifted_particles, capsys, options, message):
     sim = shifted_particles / "sim"

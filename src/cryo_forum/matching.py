@@ -49,7 +49,9 @@ class MatchSettings:
     previous step per stage; ``max_shift_px = 0`` keeps the file's origins. The coarse stage uses frequencies up
     to ``coarse_band / coarse angle`` cycles per box (where a rotation by the grid step still moves a Fourier
     sample by less than about two samples); the local stages use everything below Nyquist. ``oversampling`` is
-    the projector's (see :class:`cryo_forum.projection.FourierProjector`).
+    the projector's (see :class:`cryo_forum.projection.FourierProjector`). With a point group other than C1 as
+    ``symmetry`` the global grid keeps only the rotations in and near the asymmetric unit (:func:`global_grid`):
+    about |G| times fewer references.
     """
 
     coarse_deg: float = 7.5
@@ -59,6 +61,7 @@ class MatchSettings:
     coarse_band: float = 2.0
     oversampling: int = 2
     batch_size: int = 32
+    symmetry: str = "C1"
 
     def validate(self) -> None:
         """ValueError naming the setting that is out of range."""
@@ -67,6 +70,7 @@ class MatchSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.max_shift_px >= 0:
             raise ValueError(f"max_shift_px must be >= 0, got {self.max_shift_px}")
+        geometry.normalise_symmetry_name(self.symmetry)
         if self.batch_size < 1 or self.oversampling < 1:
             raise ValueError(
                 f"batch_size and oversampling must be positive, got {self.batch_size}, {self.oversampling}"
@@ -169,6 +173,25 @@ def _shift_grid(radius: float, step: float) -> np.ndarray:
     return grid[np.hypot(grid[:, 0], grid[:, 1]) <= radius + 1e-9]
 
 
+def global_grid(spacing_deg: float, symmetry: str = "C1") -> np.ndarray:
+    """The global search's rotations [n, 4]: the SO(3) grid, restricted to the asymmetric unit of ``symmetry``.
+
+    The asymmetric unit holds the poses nearest the identity among their symmetry mates; grid rotations up to a
+    covering radius beyond its border are kept too, so every pose of the unit has a grid rotation within the
+    grid's covering radius. For a rotation that far out, its angle from the identity exceeds its nearest mate's by
+    at most twice that radius, which is the test applied.
+    """
+    grid = geometry.rotation_grid(spacing_deg)
+    if geometry.normalise_symmetry_name(symmetry) == "C1":
+        return grid
+    identity = geometry.geodesic_distance(grid, [0.0, 0.0, 0.0, 1.0])
+    mates = geometry.quaternion_multiply(
+        grid[:, None], geometry.quaternion_conjugate(geometry.symmetry_quaternions(symmetry))
+    )
+    nearest = geometry.geodesic_distance(mates, [0.0, 0.0, 0.0, 1.0]).min(axis=1)
+    return grid[identity <= nearest + 2.0 * COVERING * np.radians(spacing_deg)]
+
+
 class ProjectionMatcher:
     """Global-then-local pose search of particles against one map at the particles' box and pixel size.
 
@@ -184,7 +207,7 @@ class ProjectionMatcher:
         noise = np.ones(self.size // 2 + 1) if noise_power is None else np.asarray(noise_power, dtype=np.float64)
         self.coarse = _Band(self.size, settings.coarse_band / np.radians(settings.coarse_deg), noise)
         self.fine = _Band(self.size, self.size / 2.0, noise)
-        self.grid = geometry.rotation_grid(settings.coarse_deg)
+        self.grid = global_grid(settings.coarse_deg, settings.symmetry)
         self._references, self._reference_power = self._coarse_references()
 
     def _slices(self, quaternions: np.ndarray, band: _Band) -> np.ndarray:

@@ -1,11 +1,11 @@
 """Find every particle's pose by projection matching against a known map (the classical baseline).
 
-Searches a global SO(3) grid (--coarse, 7.5 deg: 36 864 rotations) at low resolution, then local grids around
-the best pose that shrink until their step is at most --refine degrees, scoring each pose by the CTF-aware,
-noise-whitened normalised cross-correlation of the particle with the map's projection in Fourier space. The map
-is resampled to the particles' pixel size and box; its origin defines the poses. Writes a STAR file that keeps
-every input block and column, with the found rlnAngleRot/Tilt/Psi, the origins when --max-shift > 0, and
-_cfMatchScore (larger = better match).
+Searches a global SO(3) grid (--coarse, 7.5 deg: 36 864 rotations; with --symmetry only the point group's
+asymmetric unit) at low resolution, then local grids around the best pose that shrink until their step is at most
+--refine degrees, scoring each pose by the CTF-aware, noise-whitened normalised cross-correlation of the particle
+with the map's projection in Fourier space. The map is resampled to the particles' pixel size and box but not
+re-centred: its origin defines the poses. Writes a STAR file that keeps every input block and column, with the
+found rlnAngleRot/Tilt/Psi, the origins when --max-shift > 0, and _cfMatchScore (larger = better match).
 
 Example:
   cryo-forum match --star particles.star --volume map.mrc --out matched.star --max-shift 4
@@ -30,6 +30,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--max-shift", type=float, default=0.0, metavar="PX", help="search origins this far from the file's (0: keep)"
     )
     parser.add_argument("--shift-step", type=float, default=1.0, metavar="PX", help="origin grid step (default 1)")
+    parser.add_argument(
+        "--symmetry", default="C1", help="point group of the map: search only its asymmetric unit (default C1)"
+    )
     parser.add_argument("--datadir", type=Path, help="folder to look for particle stacks in")
     parser.add_argument("--batch-size", type=int, default=32)
 
@@ -46,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
         max_shift_px=args.max_shift,
         shift_step_px=args.shift_step,
         batch_size=args.batch_size,
+        symmetry=args.symmetry,
     )
     try:
         settings.validate()
