@@ -52,13 +52,14 @@ def predict_particles(
     indices = np.arange(len(particles)) if indices is None else np.asarray(indices)
     quaternions = np.zeros((len(indices), 4))
     eigenvalues = np.full((len(indices), 4), np.nan)
-    position = {int(index): row for row, index in enumerate(indices)}
+    row_of = np.zeros(len(particles), dtype=np.int64)  # particle index -> output row, 8 bytes per particle
+    row_of[indices] = np.arange(len(indices))
     dataset = prediction_batches(particles, preprocessor, batch_size, indices=indices)
     forward = inference_function(model)
     with tqdm(total=len(indices), unit="particle", file=sys.stderr, disable=not progress) as bar:
         for batch_indices, images in dataset:
             outputs = forward(images)
-            rows = [position[int(i)] for i in batch_indices.numpy()]
+            rows = row_of[batch_indices.numpy()]
             quaternions[rows] = outputs["quaternion"].numpy()
             if "eigenvalues" in outputs:
                 eigenvalues[rows] = outputs["eigenvalues"].numpy()
