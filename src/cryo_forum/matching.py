@@ -31,8 +31,6 @@ from cryo_forum.projection import FourierProjector
 from cryo_forum.tensorflow_quiet import tf
 
 NOISE_SAMPLE = 2000  # particles whose mean power spectrum estimates the noise per shell
-
-
 LOCAL_HALF_WIDTH = 2  # local grids of (2 * 2 + 1)^3 = 125 rotations
 COVERING = 0.87  # covering radius of a cubic grid of rotation vectors, per unit step (sqrt(3) / 2)
 
@@ -129,7 +127,7 @@ def shell_noise_power(particles: ParticleSet, sample: int = NOISE_SAMPLE) -> np.
 
 
 class _Band:
-    """One working band: its frequencies, weights (Hermitian count / noise power) and per-particle CTF^2 terms."""
+    """One working band: its frequencies and their weights (Hermitian count / noise power of the shell)."""
 
     def __init__(self, size: int, radius: float, noise_power: np.ndarray):
         self.flat, self.frequencies, hermitian = half_plane_frequencies(size, radius)
