@@ -115,7 +115,7 @@ def plot(entries: list[dict], references: list[dict], path: Path) -> None:
 
     from cryo_forum.plots import save_png
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(13, 4.2), dpi=100)
     axes = fig.subplots(1, 2)
     for method in METHODS:
         rows = sorted((e for e in entries if e["method"] == method), key=lambda e: e["snr"])
@@ -134,7 +134,7 @@ def plot(entries: list[dict], references: list[dict], path: Path) -> None:
     for axis, statistic in zip(axes, ("median", "mean"), strict=True):
         axis.set(xscale="log", yscale="log", xlabel="SNR", ylabel=f"{statistic} error on inliers (deg)")
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9)
     fig.suptitle("5j0n, 64 px, CTF: held-out test particles")
     save_png(fig, path)
 
