@@ -134,7 +134,7 @@ def matching_throughput(image_size: int, n: int) -> dict:
     import tempfile
 
     from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.matching import MatchSettings, ProjectionMatcher, ctf_on_rfft_grid, shell_noise_power
+    from cryo_forum.matching import MatchSettings, ParticleCTFs, ProjectionMatcher, shell_noise_power
     from cryo_forum.simulate import write_simulation
     from cryo_forum.volumes import example_map_path, load_volume
 
@@ -143,7 +143,7 @@ def matching_throughput(image_size: int, n: int) -> dict:
         write_simulation(folder, volume, pixel_size, n=n, snr=0.1, ctf=True, seed=1)
         particles = ParticleSet.open(Path(folder) / "particles.star")
         rows = np.arange(n)
-        images, ctf, origins = particles.images(rows), ctf_on_rfft_grid(particles, rows), np.zeros((n, 2))
+        images, ctf, origins = particles.images(rows), ParticleCTFs(particles)(rows), np.zeros((n, 2))
         started = time.perf_counter()
         matcher = ProjectionMatcher(volume, MatchSettings(), shell_noise_power(particles))
         setup = time.perf_counter() - started

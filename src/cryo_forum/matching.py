@@ -267,19 +267,28 @@ class ProjectionMatcher:
         return quaternions, origins, score
 
 
-def ctf_on_rfft_grid(particles: ParticleSet, indices: np.ndarray) -> np.ndarray:
-    """CTFs [B, D, D // 2 + 1] of particles ``indices`` at their own pixel sizes; ones when the file has no CTF."""
-    size = particles.box_size
-    if not particles.has_ctf:
-        return np.ones((len(indices), size, size // 2 + 1))
-    parameters = {name: values[indices] for name, values in particles.ctf_parameters().items()}
-    pixel_sizes = particles.pixel_sizes()[indices]
-    out = np.empty((len(indices), size, size // 2 + 1))
-    for pixel_size in np.unique(pixel_sizes):
-        rows = pixel_sizes == pixel_size
-        chosen = {name: values[rows] for name, values in parameters.items()}
-        out[rows] = compute_ctf(size, float(pixel_size), **chosen, rfft=True)
-    return out
+class ParticleCTFs:
+    """CTFs on the rfft grid of chosen particles of a set, each at its own pixel size (ones without CTF columns).
+
+    The per-particle parameters are taken from the table once, not for every batch.
+    """
+
+    def __init__(self, particles: ParticleSet):
+        self.size = particles.box_size
+        self.parameters = particles.ctf_parameters() if particles.has_ctf else None
+        self.pixel_sizes = particles.pixel_sizes()
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        """CTFs [B, D, D // 2 + 1] of particles ``indices``."""
+        out = np.ones((len(indices), self.size, self.size // 2 + 1))
+        if self.parameters is None:
+            return out
+        pixel_sizes = self.pixel_sizes[indices]
+        for pixel_size in np.unique(pixel_sizes):
+            chosen = np.asarray(indices)[pixel_sizes == pixel_size]
+            parameters = {name: values[chosen] for name, values in self.parameters.items()}
+            out[pixel_sizes == pixel_size] = compute_ctf(self.size, float(pixel_size), **parameters, rfft=True)
+        return out
 
 
 def match_particles(
@@ -293,15 +302,14 @@ def match_particles(
     from tqdm import tqdm
 
     matcher = ProjectionMatcher(volume, settings, shell_noise_power(particles))
+    ctfs = ParticleCTFs(particles)
     origins_in = particles.shifts_px()
     quaternions = np.zeros((len(particles), 4))
     origins = np.zeros((len(particles), 2))
     scores = np.zeros(len(particles))
     with tqdm(total=len(particles), unit="particle", file=sys.stderr, disable=not progress) as bar:
-        for start in range(0, len(particles), settings.batch_size):
-            rows = np.arange(start, min(start + settings.batch_size, len(particles)))
-            found = matcher.search(particles.images(rows), ctf_on_rfft_grid(particles, rows), origins_in[rows])
-            quaternions[rows], origins[rows], scores[rows] = found
+        for rows, images in particles.iter_batches(settings.batch_size):
+            quaternions[rows], origins[rows], scores[rows] = matcher.search(images, ctfs(rows), origins_in[rows])
             bar.update(len(rows))
     euler = geometry.quaternion_to_euler(quaternions)
     table = pd.DataFrame({star.ANGLE_ROT: euler[:, 0], star.ANGLE_TILT: euler[:, 1], star.ANGLE_PSI: euler[:, 2]})

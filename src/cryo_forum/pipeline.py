@@ -4,7 +4,7 @@ A *RawBatch* (see the estimator's interface notes) is a dict of batched tensors:
 (raw, source box D), ``quaternion`` float32 [B, 4] (pose A as [x, y, z, w], zeros without poses), ``outlier``
 float32 [B], ``ctf`` (dict of float32 [B] keyed by :data:`cryo_forum.preprocess.CTF_KEYS`, only when the particles
 have CTF parameters) and ``index`` int64 [B] (position in the ParticleSet). :func:`particle_batches` reads them
-from memory-mapped stacks, :func:`cached_batches` from an HDF5 cache of preprocessed images (:func:`open_cache`);
+from the MRC stacks, :func:`cached_batches` from an HDF5 cache of preprocessed images (:func:`open_cache`);
 either way memory stays flat in the stack size: only the per-particle numbers (tens of bytes each) are held.
 :func:`prepare_for_model` turns RawBatches into the model's ``(images [B, S, S, 1], {"quaternion", "outlier"})``
 and :func:`prediction_batches` streams ``(index, images)`` in particle order for prediction.
@@ -297,7 +297,7 @@ def particle_batches(
     Without ``shuffle`` batches follow ``indices`` in order; with it every epoch is a new permutation,
     reproducible with ``seed``. ``repeat`` streams epochs forever (each epoch batched on its own, so a
     batch never holds a particle twice); ``drop_remainder`` drops each epoch's last partial batch and
-    makes the batch size static. Images are read through :meth:`ParticleSet.images` (memory maps; every
+    makes the batch size static. Images are read through :meth:`ParticleSet.images` (positioned reads; every
     stack's rows are read in ascending order and returned in batch order) inside tf.numpy_function.
     """
     indices = _check_indices(indices, len(particles), batch_size, drop_remainder)
