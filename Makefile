@@ -15,8 +15,6 @@ $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	# tensorflow-graphics without its dependencies: they pull the discontinued tensorflow-addons.
-	$(BIN)/python -m pip install --quiet --no-deps "tensorflow-graphics==2021.12.3"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -26,6 +26,9 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "tensorboard>=2.16",
+        # Quaternion and rotation-matrix ops. Its own dependencies include the discontinued tensorflow-addons,
+        # which installs but no longer imports; cryo-forum never imports it (tests/test_install.py).
+        "tensorflow-graphics==2021.12.3",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],

@@ -48,7 +48,7 @@ def simulate_test_set(volume: Path, snr: float, n: int, folder: Path) -> Path:
 
     star = folder / "particles.star"
     if not star.exists():
-        command = ["simulate", "--volume", str(volume), "--n", str(n), "--size", str(SIZE), "--apix", str(APIX)]
+        command = ["simulate", "--volume", str(volume), "--n", str(n), "--box-size", str(SIZE), "--apix", str(APIX)]
         command += ["--snr", str(snr), "--ctf", "--outliers", "0.1", "--seed", str(TEST_SEED), "--out", str(folder)]
         if cli(command) != 0:
             raise SystemExit(f"simulating the test set into {folder} failed")

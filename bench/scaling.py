@@ -98,7 +98,7 @@ def simulate(args: argparse.Namespace, data: Path) -> dict:
             )
         return {"simulated_now": False, "n": shape[0]}
     print(f"simulating {n} particles of {args.box} px into {data}/ (done once)", file=sys.stderr)
-    command = ["simulate", "--volume", str(example_map_path()), "--n", str(n), "--size", str(args.box)]
+    command = ["simulate", "--volume", str(example_map_path()), "--n", str(n), "--box-size", str(args.box)]
     command += ["--apix", str(args.apix), "--snr", str(SNR), "--ctf", "--out", str(data)]
     started = time.perf_counter()
     if subprocess.run(cli_command(*command)).returncode != 0:

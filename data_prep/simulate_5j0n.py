@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--volume", type=Path, default=DEFAULT_MAP, help=f"default: {DEFAULT_MAP}")
     args = parser.parse_args(argv)
-    command = ["simulate", "--volume", str(args.volume), "--n", str(args.n), "--size", "64", "--apix", "4.58"]
+    command = ["simulate", "--volume", str(args.volume), "--n", str(args.n), "--box-size", "64", "--apix", "4.58"]
     command += ["--snr", str(args.snr), "--ctf", "--defocus-range", "10000", "25000", "--outliers", "0.1"]
     return cli.main([*command, "--seed", str(args.seed), "--out", str(args.out)])
 

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2000, help="number of particles (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    command = ["simulate", "--volume", str(example_map_path()), "--n", str(args.n), "--size", "48", "--apix", "2"]
+    command = ["simulate", "--volume", str(example_map_path()), "--n", str(args.n), "--box-size", "48", "--apix", "2"]
     command += ["--snr", str(args.snr), "--ctf", "--defocus-range", "8000", "20000", "--outliers", "0.1"]
     return cli.main([*command, "--seed", str(args.seed), "--out", str(args.out)])
 

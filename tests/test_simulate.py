@@ -173,8 +173,8 @@ def test_refuses_to_write_over_its_input(volume, tmp_path):
 
 def test_cli_writes_exactly_the_three_files(tmp_path):
     out = tmp_path / "sim"
-    argv = ["simulate", "--volume", str(example_map_path()), "--n", "12", "--size", "32", "--apix", "3"]
-    argv += ["--snr", "1", "--outliers", "0.25", "--shift-px", "2", "--defocus-range", "8000", "12000"]
+    argv = ["simulate", "--volume", str(example_map_path()), "--n", "12", "--box-size", "32", "--apix", "3"]
+    argv += ["--snr", "1", "--outliers", "0.25", "--max-shift", "2", "--defocus-range", "8000", "12000"]
     assert cli.main([*argv, "--seed", "1", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["particles.mrcs", "particles.star", "volume.mrc"]
     blocks = starfile.read(out / "particles.star", always_dict=True)
@@ -184,8 +184,8 @@ def test_cli_writes_exactly_the_three_files(tmp_path):
 
 
 def test_cli_model_input_gives_the_same_map_as_the_shipped_example(tmp_path):
-    argv = ["simulate", "--n", "4", "--size", "32", "--apix", "3", "--no-ctf"]
-    assert cli.main([*argv, "--model", str(example_model_path()), "--out", str(tmp_path / "model")]) == 0
+    argv = ["simulate", "--n", "4", "--box-size", "32", "--apix", "3", "--no-ctf"]
+    assert cli.main([*argv, "--volume", str(example_model_path()), "--out", str(tmp_path / "model")]) == 0
     assert cli.main([*argv, "--volume", str(example_map_path()), "--out", str(tmp_path / "map")]) == 0
     blocks = starfile.read(tmp_path / "model" / "particles.star", always_dict=True)
     assert star.DEFOCUS_U not in blocks["particles"]  # --no-ctf
@@ -197,7 +197,7 @@ def test_cli_model_input_gives_the_same_map_as_the_shipped_example(tmp_path):
     "change, named",
     [
         (["--n", "0"], "--n"),
-        (["--size", "-4"], "--size"),
+        (["--box-size", "-4"], "--box-size"),
         (["--snr", "0"], "--snr"),
         (["--outliers", "1.5"], "--outliers"),
         (["--outliers", "-0.1"], "--outliers"),
@@ -209,7 +209,7 @@ def test_cli_model_input_gives_the_same_map_as_the_shipped_example(tmp_path):
     ],
 )
 def test_cli_bad_options_fail_with_one_line_and_write_nothing(tmp_path, capsys, change, named):
-    options = {"--volume": [str(example_map_path())], "--n": ["4"], "--size": ["32"]}
+    options = {"--volume": [str(example_map_path())], "--n": ["4"], "--box-size": ["32"]}
     options[change[0]] = change[1:]
     argv = ["simulate", *[part for key, values in options.items() for part in (key, *values)]]
     assert cli.main([*argv, "--out", str(tmp_path / "sim")]) == 1

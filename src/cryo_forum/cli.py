@@ -1,19 +1,23 @@
 """The ``cryo-forum`` command line: one module per command in :mod:`cryo_forum.commands`.
 
-Each command module has a docstring (its help), ``add_args(parser)`` and ``main(args)``. User errors
-(:class:`~cryo_forum.errors.CryoForumError`, bad files, bad options) end with a one-line message on
-stderr and exit status 1; argparse's own usage errors exit with status 2.
+Each command module has a docstring (its help), ``add_args(parser)`` and ``main(args)``, and imports nothing
+heavy at module level, so ``--help`` and option errors answer at once. Results go to stdout, progress and
+notes to stderr (the ``cryo_forum`` logger). User errors (:class:`~cryo_forum.errors.CryoForumError`, files
+that cannot be read or written) end with one line on stderr and exit status 1; argparse's usage errors exit
+with status 2, an interrupt with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
 from cryo_forum import __version__
-from cryo_forum.errors import CryoForumError
+from cryo_forum.commands.options import setting_message
+from cryo_forum.errors import CryoForumError, InvalidSetting
 
 COMMANDS = [
     "info",
@@ -28,6 +32,7 @@ COMMANDS = [
     "fsc",
     "match",
 ]
+BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports a reader that went away
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,21 +52,65 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_args(sub)
-        sub.set_defaults(func=module.main)
+        options = {option for action in sub._actions for option in action.option_strings}
+        sub.set_defaults(func=module.main, options=options)
     return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it), warnings marked as such."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
+
+
+def _error_line(command: str, error: BaseException, options: set[str]) -> str:
+    if isinstance(error, InvalidSetting):
+        text = setting_message(error.setting, error.message, options)
+    elif isinstance(error, OSError) and error.filename is not None:
+        text = f"{error.filename}: {error.strerror or error}"
+    else:
+        text = str(error)
+    return f"cryo-forum {command}: error: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("cryo_forum")
+    handler = _StderrHandler()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         result = args.func(args)
-    except CryoForumError as error:
-        print(f"cryo-forum {args.command}: error: {error}", file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout went away (``cryo-forum info FILE | head``): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_STATUS
+    except (CryoForumError, OSError) as error:
+        print(_error_line(args.command, error, args.options), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"cryo-forum {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
     return int(result or 0)
 
 

@@ -17,7 +17,6 @@ so thousands of references are scored per particle in a few milliseconds.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ from cryo_forum import geometry
 from cryo_forum.ctf import compute_ctf
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.progress import progress as progress_bar
 from cryo_forum.projection import FourierProjector
 from cryo_forum.tensorflow_quiet import tf
 
@@ -299,15 +299,13 @@ def match_particles(
     The table holds rlnAngleRot/Tilt/Psi (degrees), the origins when they were searched (in Angstrom, or in pixels
     for a RELION 3.0 file) and _cfMatchScore (the normalised cross-correlation, larger = better match).
     """
-    from tqdm import tqdm
-
     matcher = ProjectionMatcher(volume, settings, shell_noise_power(particles))
     ctfs = ParticleCTFs(particles)
     origins_in = particles.shifts_px()
     quaternions = np.zeros((len(particles), 4))
     origins = np.zeros((len(particles), 2))
     scores = np.zeros(len(particles))
-    with tqdm(total=len(particles), unit="particle", file=sys.stderr, disable=not progress) as bar:
+    with progress_bar(len(particles), description="match", enabled=progress) as bar:
         for rows, images in particles.iter_batches(settings.batch_size):
             quaternions[rows], origins[rows], scores[rows] = matcher.search(images, ctfs(rows), origins_in[rows])
             bar.update(len(rows))

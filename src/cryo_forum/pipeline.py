@@ -16,13 +16,14 @@ In-plane augmentation follows the convention pinned by tests/test_pipeline.py: r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import sys
+import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_output, refuse_overwriting_inputs
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.preprocess import CTF_KEYS, Preprocessor
+from cryo_forum.progress import progress as progress_bar
 from cryo_forum.tensorflow_quiet import tf
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -47,6 +49,28 @@ CACHE_DATASET = "images"
 AUGMENT_METHODS = ("fourier", "bilinear")
 _SAMPLED_IMAGES = 8  # raw images hashed into a cache's fingerprint (catches a stack rewritten under the same names)
 _AUTOTUNE = tf.data.AUTOTUNE
+
+# ---------------------------------------------------------------- errors inside streams
+
+_STREAM_ERROR = re.compile(r"(?:CryoForumError|InvalidSetting): (.+?)\n")
+
+
+@contextlib.contextmanager
+def stream_errors() -> Iterator[None]:
+    """Turn a CryoForumError raised while tf.data read particles back into itself.
+
+    Inside ``tf.numpy_function`` it becomes a TensorFlow ``OpError`` whose message quotes it; re-raised as a
+    CryoForumError (its traceback dropped) it reaches the user as one line, and the stream's iterator is freed
+    while the program still runs instead of at interpreter exit, where its threads would deadlock.
+    """
+    try:
+        yield
+    except tf.errors.OpError as error:
+        found = _STREAM_ERROR.search(error.message + "\n")
+        if found is None:
+            raise
+        raise CryoForumError(found.group(1).strip()) from None
+
 
 # ---------------------------------------------------------------- splits
 
@@ -404,8 +428,6 @@ def build_cache(
     Dataset ``images`` [N, S, S] float32, chunked by image; attributes: the preprocessor (JSON), source path,
     n, box and the fingerprint :func:`open_cache` compares. Memory stays at one batch of images.
     """
-    from tqdm import tqdm
-
     path = Path(path)
     _check_compatible(particles, preprocessor)
     refuse_overwriting_inputs(path, [particles.source, *map(particles.resolve_stack, particles.stack_names)])
@@ -415,7 +437,7 @@ def build_cache(
     with (
         atomic_output(path) as tmp,
         h5py.File(tmp, "w") as handle,
-        tqdm(total=len(particles), unit="particle", file=sys.stderr, disable=not progress, desc="cache") as bar,
+        progress_bar(len(particles), description="cache", enabled=progress) as bar,
     ):
         images = handle.create_dataset(
             CACHE_DATASET, shape=(len(particles), size, size), dtype=np.float32, chunks=(1, size, size)

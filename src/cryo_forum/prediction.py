@@ -7,7 +7,7 @@ angles replace ``rlnAngleRot/Tilt/Psi``, and ``_cf*`` columns carry the uncertai
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import numpy as np
 import pandas as pd
@@ -17,8 +17,11 @@ from cryo_forum.geometry import quaternion_to_euler
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.model import OrientationEstimator, inference_function
-from cryo_forum.pipeline import prediction_batches
+from cryo_forum.pipeline import prediction_batches, stream_errors
 from cryo_forum.preprocess import Preprocessor
+from cryo_forum.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
 
 
 def preprocessor_for(particles: ParticleSet, trained: Preprocessor) -> Preprocessor:
@@ -30,10 +33,9 @@ def preprocessor_for(particles: ParticleSet, trained: Preprocessor) -> Preproces
     values.update(pixel_size_in=particles.pixel_size, input_size=particles.box_size)
     adapted = Preprocessor.from_dict(values)
     if abs(adapted.output_pixel_size / trained.output_pixel_size - 1.0) > 0.02:
-        print(
-            f"warning: {particles.source} gives {adapted.output_pixel_size:.2f} A/px at {adapted.image_size} px, "
-            f"the model was trained at {trained.output_pixel_size:.2f} A/px",
-            file=sys.stderr,
+        log.warning(
+            f"{particles.source} gives {adapted.output_pixel_size:.2f} A/px at {adapted.image_size} px, "
+            f"the model was trained at {trained.output_pixel_size:.2f} A/px"
         )
     return adapted
 
@@ -47,8 +49,6 @@ def predict_particles(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Predicted angles and uncertainty scores for ``indices`` (default: all), one row per particle."""
-    from tqdm import tqdm
-
     indices = np.arange(len(particles)) if indices is None else np.asarray(indices)
     quaternions = np.zeros((len(indices), 4))
     eigenvalues = np.full((len(indices), 4), np.nan)
@@ -56,7 +56,7 @@ def predict_particles(
     row_of[indices] = np.arange(len(indices))
     dataset = prediction_batches(particles, preprocessor, batch_size, indices=indices)
     forward = inference_function(model)
-    with tqdm(total=len(indices), unit="particle", file=sys.stderr, disable=not progress) as bar:
+    with progress_bar(len(indices), description="predict", enabled=progress) as bar, stream_errors():
         for batch_indices, images in dataset:
             outputs = forward(images)
             rows = row_of[batch_indices.numpy()]

@@ -32,7 +32,6 @@ Maps are ``[z, y, x]`` with their centre at voxel ``D // 2``; poses are RELION m
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -42,6 +41,7 @@ from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.progress import progress as progress_bar
 
 WIENER_CONSTANT = 1.0
 PADDING = 2
@@ -194,15 +194,13 @@ def backproject(
     progress: bool = False,
 ) -> FourierAccumulator:
     """Insert the particles ``indices`` (all by default) with their poses, origins and CTFs (if any)."""
-    from tqdm import tqdm
-
     chosen = _selection(particles, indices)
     accumulator = FourierAccumulator(particles.box_size, symmetry)
     matrices = geometry.quaternion_to_matrix(particles.quaternions())
     shifts = particles.shifts_px()
     pixel_size = particles.pixel_size if particles.has_ctf else 1.0
     ctf_parameters = particles.ctf_parameters() if particles.has_ctf else None
-    with tqdm(total=len(chosen), unit="particle", file=sys.stderr, disable=not progress) as bar:
+    with progress_bar(len(chosen), description="reconstruct", enabled=progress) as bar:
         for batch, images in particles.iter_batches(batch_size, chosen):
             ctf = None
             if ctf_parameters is not None:

@@ -24,7 +24,6 @@ exactly the signal of the same run with it.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +37,7 @@ from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_directory, refuse_overwriting_inputs
 from cryo_forum.io.mrc import stack_writer, write_volume
+from cryo_forum.progress import progress as progress_bar
 from cryo_forum.projection import FourierProjector
 from cryo_forum.volumes import center_of_mass, example_map_path, resample_volume
 
@@ -488,8 +488,6 @@ def write_simulation(
     :func:`simulate_particles` with the same arguments. The three files appear together or not at all,
     never over one of ``inputs``. ``progress`` shows a tqdm bar on stderr.
     """
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     for name in OUTPUT_NAMES:
         refuse_overwriting_inputs(out_dir / name, inputs)
@@ -500,7 +498,7 @@ def write_simulation(
     with atomic_directory(out_dir) as staging:
         with (
             stack_writer(staging / STACK_NAME, settings.n, size, pixel_size) as stack,
-            tqdm(total=settings.n, unit="particle", file=sys.stderr, disable=not progress) as bar,
+            progress_bar(settings.n, description="simulate", enabled=progress) as bar,
         ):
             for start in range(0, settings.n, chunk_size):
                 index = np.arange(start, min(start + chunk_size, settings.n))
