@@ -1,5 +1,7 @@
 """MRC stacks and volumes: round trips, memory maps, row reads by offset, atomic writers and errors naming the file."""
 
+import os
+
 import mrcfile
 import numpy as np
 import pytest
@@ -190,3 +192,74 @@ def test_stack_reader_refuses_bad_files_like_open_stack(tmp_path, damage):
     path.write_bytes(damage(good))
     with pytest.raises(CryoForumError, match=r"bad\.mrcs"):
         mrc.StackReader(path)
+
+
+def write_map(path, shape, ispg, voxel_size=1.0):
+    """A float32 file with the given space group and mz = nz (mrcfile's header for 3-D data, and Chimera's)."""
+    with mrcfile.new(path, overwrite=True) as handle:
+        handle.set_data(np.zeros(shape, np.float32))
+        handle.header.ispg = ispg
+        if voxel_size:
+            handle.voxel_size = voxel_size
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "ispg", "volume"),
+    [
+        ("chimera.mrc", (69, 57, 75), 0, True),  # Chimera: ispg 0, mz = nz = 69, non-square sections
+        ("cube.mrc", (30, 30, 30), 0, True),
+        ("tall.mrc", (128, 32, 32), 0, True),  # mz = 128
+        ("map.mrc", (8, 8, 8), 1, True),
+        ("relion.mrcs", (8, 8, 8), 1, False),  # a .mrcs is a stack whatever its header says
+        ("relion0.mrcs", (8, 8, 8), 0, False),
+        ("tilts.st", (8, 8, 8), 0, False),  # IMOD tilt series: ispg 0, mz = nz
+        ("section.mrc", (1, 8, 8), 1, False),  # a single section is one image
+        ("image.mrc", (8, 8), 0, False),
+    ],
+)
+def test_volume_or_images_by_the_mrc2014_rule(tmp_path, name, shape, ispg, volume):
+    path = write_map(tmp_path / name, shape, ispg)
+    assert mrc.mrc_info(path).is_volume is volume
+    if volume:
+        data, _ = mrc.read_volume(path)
+        assert data.shape == shape
+
+
+def test_marked_image_stack_is_a_stack_whatever_the_suffix(tmp_path):
+    path = tmp_path / "stack.mrc"
+    with mrcfile.new(path) as handle:
+        handle.set_data(np.zeros((5, 8, 8), np.float32))
+        handle.set_image_stack()  # ispg 0, mz 1
+    assert not mrc.mrc_info(path).is_volume
+    assert mrc.open_stack(path).shape == (5, 8, 8)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_our_stack_writers_mark_their_output_as_stacks(tmp_path, n):
+    mrc.write_stack(tmp_path / "written.mrc", np.zeros((n, 8, 8)), 1.0)
+    with mrc.stack_writer(tmp_path / "mapped.mrc", n=n, size=8, pixel_size=1.0) as out:
+        out[...] = 1
+    for name in ("written.mrc", "mapped.mrc"):
+        with mrcfile.open(tmp_path / name, header_only=True) as handle:
+            assert (int(handle.header.ispg), int(handle.header.mz)) == (0, 1)
+        assert not mrc.mrc_info(tmp_path / name).is_volume
+        assert mrc.open_stack(tmp_path / name).shape == (n, 8, 8)
+
+
+def test_missing_pixel_size_is_zero(tmp_path):
+    path = write_map(tmp_path / "map.mrc", (8, 8, 8), 1, voxel_size=None)
+    assert mrc.mrc_info(path).pixel_size == 0.0
+    assert mrc.read_volume(path)[1] == 0.0
+
+
+def test_mrc_info_reads_the_header_only_and_reports_truncation(tmp_path, monkeypatch):
+    path = tmp_path / "cut.mrcs"
+    mrc.write_stack(path, np.ones((4, 8, 8)), 1.5)
+    os.truncate(path, path.stat().st_size - 100)
+    monkeypatch.setattr(mrcfile, "mmap", None)  # the header is read without mrcfile's memory map
+    info = mrc.mrc_info(path)
+    assert info.shape == (4, 8, 8) and info.truncated and info.pixel_size == pytest.approx(1.5)
+    monkeypatch.undo()
+    with pytest.raises(CryoForumError, match=r"cut\.mrcs: corrupt or truncated"):
+        mrc.open_stack(path)

@@ -58,30 +58,6 @@ def test_existing_run_is_not_overwritten(trained_run, particles, capsys):
     assert (trained_run / "model.keras").read_bytes() == before
 
 
-def test_interrupted_run_resumes_from_its_last_epoch(particles, tmp_path, monkeypatch):
-    from cryo_forum import model as model_module
-
-    run = tmp_path / "run"
-    original = model_module.LossWeightScheduler.on_epoch_begin
-
-    def interrupt_at_third_epoch(self, epoch, logs=None):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        original(self, epoch, logs)
-
-    monkeypatch.setattr(model_module.LossWeightScheduler, "on_epoch_begin", interrupt_at_third_epoch)
-    assert main(["train", "--star", str(particles), "--out", str(run), "--epochs", "4", *TINY]) == 130
-    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
-    monkeypatch.setattr(model_module.LossWeightScheduler, "on_epoch_begin", original)
-    assert main(["train", "--resume", "--out", str(run), "--epochs", "4"]) == 0
-    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1, 2, 3]
-
-
-def test_resume_refuses_changed_settings(trained_run, capsys):
-    assert main(["train", "--resume", "--out", str(trained_run), "--head", "6d"]) == 1
-    assert "only --epochs" in capsys.readouterr().err
-
-
 def test_predict_keeps_every_column_and_adds_angles_and_uncertainty(trained_run, particles, tmp_path):
     out = tmp_path / "predicted.star"
     assert (
@@ -107,7 +83,7 @@ def test_predict_keeps_every_column_and_adds_angles_and_uncertainty(trained_run,
 def test_predict_refuses_to_write_over_its_input(trained_run, particles, capsys):
     before = particles.read_bytes()
     assert main(["predict", "--model", str(trained_run), "--star", str(particles), "--out", str(particles)]) == 1
-    assert "overwrite" in capsys.readouterr().err
+    assert "refusing to write over it" in capsys.readouterr().err
     assert particles.read_bytes() == before
 
 
@@ -177,8 +153,6 @@ def test_bad_training_options_name_the_option(particles, tmp_path, capsys):
     run = tmp_path / "bad"
     assert main(["train", "--star", str(particles), "--out", str(run), "--epochs", "0"]) == 1
     assert "--epochs" in capsys.readouterr().err
-    assert main(["train", "--star", str(particles), "--out", str(run), "--head", "10d", *TINY]) == 1
-    assert "10d" in capsys.readouterr().err
     assert main(["train", "--out", str(run)]) == 1
     assert "--star" in capsys.readouterr().err
 

@@ -1,7 +1,8 @@
 """The ``cryo-forum`` command line: one module per command in :mod:`cryo_forum.commands`.
 
 Each command module has a docstring (its help), ``add_args(parser)`` and ``main(args)``, and imports nothing
-heavy at module level, so ``--help`` and option errors answer at once. Results go to stdout, progress and
+heavy at module level; only the command being run adds its options, so ``--help`` and option errors answer
+at once. Results go to stdout, progress and
 notes to stderr (the ``cryo_forum`` logger). User errors (:class:`~cryo_forum.errors.CryoForumError`, files
 that cannot be read or written) end with one line on stderr and exit status 1; argparse's usage errors exit
 with status 2, an interrupt with 130.
@@ -35,7 +36,8 @@ COMMANDS = [
 BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports a reader that went away
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``command`` given, of that command's options only (a fast --help)."""
     parser = argparse.ArgumentParser(
         prog="cryo-forum",
         description="Orientation estimation with uncertainty for single-particle cryo-EM.",
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if command is not None and name != command:
+            continue
         module.add_args(sub)
         options = {option for action in sub._actions for option in action.option_strings}
         sub.set_defaults(func=module.main, options=options)
@@ -89,12 +93,16 @@ def _error_line(command: str, error: BaseException, options: set[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     logger = logging.getLogger("cryo_forum")
-    handler = _StderrHandler()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    handler = None
+    if not any(isinstance(existing, _StderrHandler) for existing in logger.handlers):  # not nested (demo)
+        handler = _StderrHandler()
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     try:
         result = args.func(args)
         sys.stdout.flush()
@@ -110,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryo-forum {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
     finally:
-        logger.removeHandler(handler)
+        if handler is not None:
+            logger.removeHandler(handler)
     return int(result or 0)
 
 

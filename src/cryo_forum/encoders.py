@@ -20,10 +20,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cryo_forum.choices import ENCODERS, POOLINGS
 from cryo_forum.tensorflow_quiet import keras, tf
 
 DEFAULT_SIGMAS = (1.0, 2.0, 4.0)
-POOLINGS = ("flatten", "avg", "max", "gem")
 
 _register = keras.saving.register_keras_serializable(package="cryo_forum")
 
@@ -349,7 +349,6 @@ _ENCODER_CLASSES: dict[str, type[Encoder]] = {
     "resnet": ResNetEncoder,
     "vgg": VGGEncoder,
 }
-ENCODERS = tuple(_ENCODER_CLASSES)
 
 
 def build_encoder(

@@ -16,11 +16,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cryo_forum.choices import DIRECT_LOSSES, PAIR_WEIGHTINGS, SCHEDULE_KINDS
 from cryo_forum.geometry import quaternion_conjugate, quaternion_multiply_tf, symmetric_distance_tf
 from cryo_forum.tensorflow_quiet import tf
-
-PAIR_WEIGHTINGS = ("none", "density", "histogram")
-DIRECT_LOSSES = ("geodesic", "chordal")
 
 
 def upper_triangle_mask(batch_size, dtype=tf.float32):
@@ -109,9 +107,6 @@ def pose_errors(q_pred, q_true, group_quaternions: np.ndarray | None = None, kin
 def direct_pose_loss(q_pred, q_true, group_quaternions: np.ndarray | None = None, kind: str = "geodesic"):
     """Mean of :func:`pose_errors` over the batch."""
     return tf.reduce_mean(pose_errors(q_pred, q_true, group_quaternions, kind))
-
-
-SCHEDULE_KINDS = ("original", "constant", "linear")
 
 
 @dataclass(frozen=True)

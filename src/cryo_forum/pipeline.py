@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from cryo_forum import geometry
+from cryo_forum.choices import AUGMENT_METHODS
 from cryo_forum.errors import CryoForumError
 from cryo_forum.fourier import rotate_images, translate_images
 from cryo_forum.io import star
@@ -46,7 +47,6 @@ SPLIT_FORMAT = "cryo-forum split"
 CACHE_FORMAT = "cryo-forum image cache"
 FORMAT_VERSION = 1
 CACHE_DATASET = "images"
-AUGMENT_METHODS = ("fourier", "bilinear")
 _SAMPLED_IMAGES = 8  # raw images hashed into a cache's fingerprint (catches a stack rewritten under the same names)
 _AUTOTUNE = tf.data.AUTOTUNE
 

@@ -303,10 +303,10 @@ class SyntheticParticles:
             batch["ctf"] = {key: values[key] for key in CTF_KEYS}
         return batch
 
-    def dataset(self, batch_size: int, seed: int = 0) -> tf.data.Dataset:
-        """Endless tf.data.Dataset of RawBatch dicts; batch k is drawn from the stateless seed (seed, k)."""
+    def dataset(self, batch_size: int, seed: int = 0, start: int = 0) -> tf.data.Dataset:
+        """Endless tf.data.Dataset of RawBatch dicts; batch k (from ``start`` on) is drawn from the seed (seed, k)."""
         seed = int(seed)
-        return tf.data.Dataset.counter().map(
+        return tf.data.Dataset.counter(int(start)).map(
             lambda step: self.batch(batch_size, tf.stack([tf.constant(seed, tf.int64), step])),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,

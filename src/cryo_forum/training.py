@@ -1,26 +1,28 @@
 """Training runs: data, model, optimiser and callbacks from a TrainingConfig, written into a run folder.
 
-A run folder holds ``config.yaml`` (every setting), ``split.json`` (which particles train, validate and
-test), ``model.keras`` (the best epoch by validation median error, replaced atomically), ``history.csv``,
-``logs/`` (TensorBoard), ``checkpoints/`` (state for ``--resume``) and, when training from a map,
-``val/`` and ``test/`` (fixed simulated particle sets). An interrupted run continues from its last
-completed epoch with ``resume=True``.
+The run folder is a :class:`cryo_forum.run.Run` (its files are described there). Options and data are
+checked before anything is written; every epoch commits a checkpoint atomically, so an interrupted run
+continues from its last completed epoch with ``resume=True``; the training length is fixed (``epochs``) or
+set by the validation plateau rule of :class:`TrainingState`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from cryo_forum.config import TrainingConfig
-from cryo_forum.errors import CryoForumError
+from cryo_forum.config import DEFAULT_IMAGE_SIZE, TrainingConfig
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io.atomic import atomic_output
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.losses import LossSchedule
@@ -34,15 +36,14 @@ from cryo_forum.pipeline import (
     prepare_for_model,
     save_split,
     split_indices,
+    stream_errors,
 )
 from cryo_forum.preprocess import Preprocessor
+from cryo_forum.run import CONFIG_NAME, LOGS, MODEL_NAME, SPLIT_NAME, WEIGHTS_NAME, Run
 from cryo_forum.tensorflow_quiet import keras, tf
 
-MODEL_NAME = "model.keras"
-CONFIG_NAME = "config.yaml"
-SPLIT_NAME = "split.json"
-HISTORY_NAME = "history.csv"
 MONITOR = "val_median_error_deg"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,9 +65,9 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
         if "TF_CONFIG" not in os.environ:
-            raise CryoForumError("--strategy multiworker: set TF_CONFIG to describe the cluster and this worker")
+            raise InvalidSetting("strategy", "multiworker needs TF_CONFIG to describe the cluster and this worker")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise CryoForumError(f"--strategy: unknown strategy '{name}'")
+    raise InvalidSetting("strategy", f"unknown strategy {name!r}")
 
 
 def _tf_config() -> dict:
@@ -115,7 +116,12 @@ def build_model(config: TrainingConfig) -> OrientationEstimator:
 
 
 def make_optimizer(config: TrainingConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """AdamW with a linear warm-up and cosine decay over the whole run."""
+    """AdamW; with a fixed length a linear warm-up and cosine decay over the run, else a learning rate that
+    :class:`TrainingState` sets (warm-up, then halved at each plateau)."""
+    if config.automatic_length:
+        return keras.optimizers.AdamW(
+            learning_rate=config.learning_rate, weight_decay=config.weight_decay, clipnorm=5.0
+        )
     total = max(1, config.epochs * steps_per_epoch)
     warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -129,16 +135,13 @@ def make_optimizer(config: TrainingConfig, steps_per_epoch: int) -> keras.optimi
 
 
 def loss_schedule(config: TrainingConfig) -> LossSchedule:
-    try:
-        return LossSchedule(
-            kind=config.loss_schedule,
-            switch_epoch=config.switch_epoch,
-            ramp_epochs=config.ramp_epochs,
-            distance_weight=config.distance_weight,
-            direct_weight=config.direct_weight,
-        )
-    except ValueError as error:
-        raise CryoForumError(f"--loss-schedule: {error}") from None
+    return LossSchedule(
+        kind=config.loss_schedule,
+        switch_epoch=config.switch_epoch,
+        ramp_epochs=config.ramp_epochs,
+        distance_weight=config.distance_weight,
+        direct_weight=config.direct_weight,
+    )
 
 
 def _shard_policy(dataset: tf.data.Dataset, policy) -> tf.data.Dataset:
@@ -147,29 +150,59 @@ def _shard_policy(dataset: tf.data.Dataset, policy) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
-def particle_data(config: TrainingConfig, run: Path, resume: bool) -> TrainingData:
-    """Labelled particles from a STAR/.cs file, split by particle and saved as RUN/split.json."""
+def resolve_sizes(config: TrainingConfig, box: int) -> TrainingConfig:
+    """The config with its image size chosen for particles of ``box`` px (at most 64 px by default)."""
+    image_size = config.image_size or min(DEFAULT_IMAGE_SIZE, box)
+    if image_size > box:
+        raise InvalidSetting("image_size", f"must be at most the particles' box of {box} px, got {image_size}")
+    return dataclasses.replace(config, image_size=image_size)
+
+
+def inspect_particles(config: TrainingConfig) -> tuple[TrainingConfig, ParticleSet, dict[str, np.ndarray]]:
+    """Star mode, before anything is written: the particles, their split, and the config with sizes resolved.
+
+    Reads the STAR file and the stacks' headers only; refuses particles without poses, too few for a batch,
+    an image size beyond the box.
+    """
     particles = ParticleSet.open(config.star, datadir=config.datadir)
     if not particles.has_poses:
         raise CryoForumError(f"{config.star}: no rlnAngleRot/Tilt/Psi columns; training needs consensus poses")
+    particles.quaternions()  # non-numeric angles fail here, with the column named
     particles.validate()
-    split_path = run / SPLIT_NAME
+    config = resolve_sizes(config, particles.box_size)
+    split = split_indices(len(particles), config.val_fraction, config.test_fraction, config.seed)
+    if len(split["train"]) < config.batch_size:
+        raise InvalidSetting(
+            "batch_size", f"{config.batch_size} is more than the {len(split['train'])} training particles"
+        )
+    if not len(split["val"]):
+        raise InvalidSetting("val_fraction", "selects no validation particle")
+    return config, particles, split
+
+
+def inspect_volume(config: TrainingConfig) -> TrainingConfig:
+    """Map mode, before anything is written: the config with box and image size resolved."""
+    if not Path(config.volume).is_file():
+        raise CryoForumError(f"{config.volume}: file not found")
+    box = config.box_size or config.image_size or DEFAULT_IMAGE_SIZE
+    return dataclasses.replace(resolve_sizes(config, box), box_size=box)
+
+
+def particle_data(
+    config: TrainingConfig, particles: ParticleSet, split: dict[str, np.ndarray], run: Run, resume: bool
+) -> TrainingData:
+    """Labelled particles split by particle (the split is saved as RUN/split.json, or read back on resume)."""
+    split_path = run.file(SPLIT_NAME)
     if resume and split_path.exists():
         split = load_split(split_path, particles)
-    else:
-        split = split_indices(len(particles), config.val_fraction, config.test_fraction, config.seed)
-        if is_chief():
-            save_split(
-                split_path,
-                split,
-                particles,
-                val_fraction=config.val_fraction,
-                test_fraction=config.test_fraction,
-                seed=config.seed,
-            )
-    if len(split["train"]) < config.batch_size:
-        raise CryoForumError(
-            f"--batch-size {config.batch_size}: larger than the {len(split['train'])} training particles"
+    elif is_chief():
+        save_split(
+            split_path,
+            split,
+            particles,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
         )
     preprocessor = Preprocessor(
         image_size=config.image_size,
@@ -179,10 +212,10 @@ def particle_data(config: TrainingConfig, run: Path, resume: bool) -> TrainingDa
         mask_radius=config.mask_radius,
         phase_flip=config.phase_flip,
     )
-    augmentation = Augmentation(rotate=config.rotate, max_shift_px=config.max_shift_px, method=config.augment_method)
+    augmentation = Augmentation(rotate=config.rotate, max_shift_px=config.max_shift, method=config.augment_method)
     seed = config.seed + 1000 * worker_index()
     if config.cache:
-        cache = build_cache(particles, preprocessor, run / "cache.h5")
+        cache = build_cache(particles, preprocessor, run.file("cache.h5"))
         train = cached_batches(
             cache, split["train"], config.batch_size, shuffle=True, seed=seed, repeat=True, drop_remainder=True
         )
@@ -207,40 +240,37 @@ def particle_data(config: TrainingConfig, run: Path, resume: bool) -> TrainingDa
     )
 
 
-def map_data(config: TrainingConfig, run: Path) -> TrainingData:
+def map_data(config: TrainingConfig, run: Run, first_epoch: int) -> TrainingData:
     """Fresh simulated particles for every batch, fixed simulated validation and test sets in RUN/val, RUN/test."""
-    from cryo_forum.simulate import InvalidSetting, SimulationSettings, write_simulation
+    from cryo_forum.simulate import SimulationSettings, write_simulation
     from cryo_forum.synthetic import SyntheticParticles
     from cryo_forum.volumes import load_volume
 
-    box = config.box_size or config.image_size
+    box = config.box_size
     volume, pixel_size = load_volume(config.volume, pixel_size=config.apix, size=box)
     options = {
         "snr": config.snr,
         "ctf": config.ctf,
         "defocus_range": tuple(config.defocus_range),
-        "shift_px": config.shift_px,
+        "shift_px": config.max_shift,
         "outlier_fraction": config.outliers,
         "symmetry": config.symmetry,
     }
-    try:
-        settings = SimulationSettings(n=config.particles_per_epoch, seed=config.seed, **options)
-        settings.validate()
-    except InvalidSetting as error:
-        raise CryoForumError(f"--{error.field.replace('_', '-')}: {error.message}") from None
+    settings = SimulationSettings(n=config.particles_per_epoch, seed=config.seed, **options)
+    settings.validate()
     for name, n, seed in (("val", config.n_val, config.seed + 1), ("test", config.n_test, config.seed + 2)):
-        if not (run / name / "particles.star").exists() and is_chief() and n > 0:
-            print(f"simulating {n} fixed {name} particles into {run / name}", file=sys.stderr)
-            write_simulation(run / name, volume, pixel_size, n, seed=seed, **options)
+        if not run.file(f"{name}/particles.star").exists() and is_chief() and n > 0:
+            log.info(f"simulating {n} fixed {name} particles into {run.file(name)}")
+            write_simulation(run.file(name), volume, pixel_size, n, seed=seed, **options)
     split = {
         "mode": "map",
         "volume": str(config.volume),
         "train": "fresh particles every batch",
-        "val": str(run / "val" / "particles.star"),
-        "test": str(run / "test" / "particles.star"),
+        "val": str(run.file("val/particles.star")),
+        "test": str(run.file("test/particles.star")),
     }
     if is_chief():
-        with atomic_output(run / SPLIT_NAME) as tmp:
+        with atomic_output(run.file(SPLIT_NAME)) as tmp:
             tmp.write_text(json.dumps(split, indent=2) + "\n")
     preprocessor = Preprocessor(
         image_size=config.image_size,
@@ -250,14 +280,17 @@ def map_data(config: TrainingConfig, run: Path) -> TrainingData:
         mask_radius=config.mask_radius,
         phase_flip=config.phase_flip,
     )
+    steps_per_epoch = max(1, config.particles_per_epoch // config.batch_size)
     synthetic = SyntheticParticles(volume, pixel_size, settings)
-    train = synthetic.dataset(config.batch_size, seed=config.seed + 1000 * worker_index())
-    val_particles = ParticleSet.open(run / "val" / "particles.star")
+    train = synthetic.dataset(
+        config.batch_size, seed=config.seed + 1000 * worker_index(), start=first_epoch * steps_per_epoch
+    )
+    val_particles = ParticleSet.open(run.file("val/particles.star"))
     val = particle_batches(val_particles, np.arange(len(val_particles)), config.batch_size)
     return TrainingData(
         train=_shard_policy(prepare_for_model(train, preprocessor, None), tf.data.experimental.AutoShardPolicy.OFF),
         val=_shard_policy(prepare_for_model(val, preprocessor, None), tf.data.experimental.AutoShardPolicy.DATA),
-        steps_per_epoch=max(1, config.particles_per_epoch // config.batch_size),
+        steps_per_epoch=steps_per_epoch,
         preprocessor=preprocessor,
         description=(
             f"fresh particles simulated from {config.volume} ({box} px at {pixel_size:.2f} A/px, SNR {config.snr}, "
@@ -267,95 +300,239 @@ def map_data(config: TrainingConfig, run: Path) -> TrainingData:
     )
 
 
-class BestModelSaver(keras.callbacks.Callback):
-    """Saves the model to ``path`` (atomically) whenever the monitored validation metric improves."""
+class TrainingState(keras.callbacks.Callback):
+    """After every epoch: log it, commit a checkpoint, keep the best model, apply the stopping rule.
 
-    def __init__(self, path: Path, monitor: str = MONITOR, best: float = np.inf):
+    Order matters for interrupts: the checkpoint (weights, optimiser, history rows, best value, rule counters)
+    is committed first, then model.keras is replaced if this epoch is the best; a resumed run whose newest
+    checkpoint is also its best epoch rewrites model.keras from it, so the two always agree.
+
+    Automatic length (``config.epochs`` None): the learning rate warms up over ``warmup_epochs``, then stays
+    until the validation median has not improved by ``MIN_IMPROVEMENT`` for ``patience`` epochs (counted
+    once the loss hand-over is over); each such plateau halves it and the ``MAX_PLATEAUS``-th ends the run.
+    """
+
+    MIN_IMPROVEMENT = 0.01
+    MAX_PLATEAUS = 3
+
+    def __init__(self, config: TrainingConfig, outputs: Run, steps_per_epoch: int, state: dict[str, Any]):
         super().__init__()
-        self.path = Path(path)
-        self.monitor = monitor
-        self.best = best
+        self.config = config
+        self.outputs = outputs
+        self.steps_per_epoch = steps_per_epoch
+        self.state = {
+            "history": [],
+            "best": None,
+            "best_epoch": None,
+            "reference": None,
+            "wait": 0,
+            "plateaus": 0,
+            "lr_scale": 1.0,
+            **state,
+        }
+        self.monitor_from = 0.0 if config.loss_schedule == "constant" else config.switch_epoch + config.ramp_epochs
+        self._started = time.monotonic()
+
+    # learning rate under the automatic length
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.config.automatic_length:
+            return
+        step = self._epoch * self.steps_per_epoch + batch
+        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        if step <= warmup + 1:
+            factor = 0.1 + 0.9 * min(step / warmup, 1.0) if warmup > 0 else 1.0
+            self.model.optimizer.learning_rate.assign(self.config.learning_rate * factor * self.state["lr_scale"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._started = time.monotonic()
+        if self.config.automatic_length:
+            self.model.optimizer.learning_rate.assign(self.config.learning_rate * self.state["lr_scale"])
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not np.isfinite(value) or value >= self.best:
-            return
-        self.best = float(value)
-        with atomic_output(self.path) as tmp:
-            self.model.save(tmp)
-        print(f"epoch {epoch + 1}: {self.monitor} improved to {value:.2f}; saved {self.path}", file=sys.stderr)
+        logs = {key: float(value) for key, value in (logs or {}).items()}
+        if not np.isfinite(logs.get("loss", np.nan)):
+            self.model.stop_training = True
+            raise CryoForumError(
+                f"training diverged at epoch {epoch + 1} (loss {logs.get('loss')}); "
+                f"the run keeps its state after epoch {epoch}: lower --learning-rate and start a new run"
+            )
+        value = logs.get(MONITOR, np.nan)
+        state = self.state
+        state["history"].append({"epoch": epoch, **logs})
+        improved = np.isfinite(value) and (state["best"] is None or value < state["best"])
+        if improved:
+            state["best"], state["best_epoch"] = value, epoch
+        stop = self._stopping_rule(epoch, value)
+        self.outputs.save_checkpoint(self.model, epoch + 1, state)
+        if improved:
+            with atomic_output(self.outputs.file(MODEL_NAME)) as tmp:
+                self.model.save(tmp)
+        self._log(epoch, logs, improved)
+        if stop:
+            log.info(
+                f"stopping after epoch {epoch + 1}: {self.MAX_PLATEAUS} plateaus of the validation median "
+                f"(best {state['best']:.2f} deg at epoch {state['best_epoch'] + 1})"
+            )
+            self.model.stop_training = True
 
+    def _stopping_rule(self, epoch: int, value: float) -> bool:
+        """Update the plateau counters; True when the run should end."""
+        state = self.state
+        if not self.config.automatic_length or not np.isfinite(value):
+            return False
+        if state["reference"] is None or value < state["reference"] * (1.0 - self.MIN_IMPROVEMENT):
+            state["reference"], state["wait"] = value, 0
+            return False
+        if epoch + 1 < self.monitor_from:
+            return False
+        state["wait"] += 1
+        if state["wait"] < self.config.patience:
+            return False
+        state["wait"] = 0
+        state["plateaus"] += 1
+        state["lr_scale"] *= 0.5
+        if state["plateaus"] < self.MAX_PLATEAUS:
+            rate = self.config.learning_rate * state["lr_scale"]
+            log.info(f"plateau {state['plateaus']}: learning rate halved to {rate:.2g}")
+        return state["plateaus"] >= self.MAX_PLATEAUS
 
-def _best_so_far(history_path: Path) -> float:
-    """The best monitored value in an existing history.csv (resumed runs keep improving on it)."""
-    if not history_path.exists():
-        return np.inf
-    import pandas as pd
-
-    history = pd.read_csv(history_path)
-    return float(history[MONITOR].min()) if MONITOR in history and len(history) else np.inf
-
-
-def train(config: TrainingConfig, out: str | Path, resume: bool = False, verbose: int = 2) -> keras.callbacks.History:
-    """Train a model as ``config`` says into the run folder ``out`` (see the module docstring)."""
-    run = Path(out)
-    config.validate()
-    if (run / CONFIG_NAME).exists() and not resume:
-        raise CryoForumError(
-            f"--out {run}: already holds a run; pass --resume to continue it, or choose another folder"
+    def _log(self, epoch: int, logs: dict[str, float], improved: bool) -> None:
+        limit = self.config.epoch_limit
+        parts = [f"epoch {epoch + 1}/{limit}", f"loss {logs.get('loss', np.nan):.4f}"]
+        if MONITOR in logs:
+            parts.append(f"val median {logs[MONITOR]:.2f} deg, mean {logs.get('val_mean_error_deg', np.nan):.2f} deg")
+        parts.append(
+            f"best {self.state['best']:.2f} at epoch {self.state['best_epoch'] + 1}"
+            if self.state["best"] is not None
+            else "no best yet"
         )
-    if resume and not (run / CONFIG_NAME).exists():
-        raise CryoForumError(f"--resume: {run} holds no run to resume ({CONFIG_NAME} is missing)")
+        parts.append(f"{time.monotonic() - self._started:.1f} s")
+        log.info(", ".join(parts) + ("  (model.keras saved)" if improved else ""))
+
+
+def _restore(model: OrientationEstimator, checkpoint: Path) -> None:
+    """Model and optimiser weights of a checkpoint; the optimiser's slots are built first so they load too."""
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(checkpoint / WEIGHTS_NAME)
+
+
+def prepare_run(config: TrainingConfig, run: Run, resume: bool):
+    """Every check that needs no folder: the run's state (the chief's job), then the data (headers only)."""
+    if is_chief():
+        if resume and not run.exists:
+            raise CryoForumError(f"{run.path}: holds no run to resume ({CONFIG_NAME} is missing); leave out --resume")
+        if not resume and run.exists:
+            raise CryoForumError(
+                f"{run.path}: already holds a run; add --resume to continue it, or choose another folder"
+            )
+        if not resume and run.path.is_dir() and any(run.path.iterdir()):
+            raise CryoForumError(f"{run.path}: folder is not empty; choose a new folder for the run")
+    if config.star is not None:
+        return inspect_particles(config)
+    return inspect_volume(config), None, None
+
+
+def train(config: TrainingConfig, out: str | Path, resume: bool = False, verbose: int = 0) -> keras.callbacks.History:
+    """Train a model as ``config`` says into the run folder ``out`` (see the module docstring).
+
+    Nothing is written before the options and the data have been checked; if the run fails before its first
+    epoch is committed, the folder is removed again (unless resuming).
+    """
+    run = Run(out)
+    config.validate()
+    config, particles, split = prepare_run(config.with_absolute_paths(), run, resume)
     strategy = make_strategy(config.strategy)
     chief = is_chief()
-    outputs = run if chief else Path(tempfile.mkdtemp(prefix="cryo-forum-worker-"))
-    outputs.mkdir(parents=True, exist_ok=True)
+    existed = run.path.exists()
+    outputs = run if chief else Run(tempfile.mkdtemp(prefix="cryo-forum-worker-"))
+    outputs.path.mkdir(parents=True, exist_ok=True)
     try:
-        data = map_data(config, run) if config.volume else particle_data(config, run, resume)
-        if chief:
-            config.save(run / CONFIG_NAME)
-            with atomic_output(run / "preprocess.json") as tmp:
-                tmp.write_text(json.dumps(data.preprocessor.to_dict(), indent=2) + "\n")
-        print(f"training on {data.description}", file=sys.stderr)
-        with strategy.scope():
-            model = build_model(config)
-            model.compile(optimizer=make_optimizer(config, data.steps_per_epoch))
-        print(
-            f"model: {config.encoder} encoder ({model.count_params():,} parameters), {config.head} head, "
-            f"{config.image_size} px, {strategy.num_replicas_in_sync} replica(s)",
-            file=sys.stderr,
-        )
-        callbacks = [
-            keras.callbacks.BackupAndRestore(str(outputs / "checkpoints"), save_freq="epoch", delete_checkpoint=False),
-            LossWeightScheduler(loss_schedule(config)),
-            keras.callbacks.CSVLogger(str(outputs / HISTORY_NAME), append=resume),
-            keras.callbacks.TensorBoard(str(outputs / "logs"), write_graph=False, profile_batch=0),
-            BestModelSaver(outputs / MODEL_NAME, best=_best_so_far(outputs / HISTORY_NAME) if resume else np.inf),
-            keras.callbacks.TerminateOnNaN(),
-        ]
-        history = model.fit(
-            data.train,
-            epochs=config.epochs,
-            steps_per_epoch=data.steps_per_epoch,
-            validation_data=data.val,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the datasets shuffle themselves, reproducibly
-        )
-        if chief and (run / MODEL_NAME).exists() and config.head == "qcqp":
-            calibrate_on_validation(run, config)
-        return history
+        return _train(config, run, outputs, strategy, particles, split, resume, verbose)
+    except BaseException:
+        if chief and not resume and run.latest_checkpoint() is None:
+            _remove_run(run, existed)
+        raise
     finally:
         if not chief:
-            shutil.rmtree(outputs, ignore_errors=True)
+            shutil.rmtree(outputs.path, ignore_errors=True)
+
+
+def _remove_run(run: Run, keep_folder: bool) -> None:
+    """Remove what a failed run wrote: the folder, or only its content when the folder was there (empty) before."""
+    if not keep_folder:
+        shutil.rmtree(run.path, ignore_errors=True)
+        return
+    for item in run.path.iterdir():
+        shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+
+
+def _train(config, run: Run, outputs: Run, strategy, particles, split, resume: bool, verbose: int):
+    chief = outputs is run
+    latest = run.latest_checkpoint() if resume else None
+    first_epoch = latest[1]["epoch"] if latest else 0
+    if chief:
+        run.remove_partial_checkpoints()
+        config.save(run.file(CONFIG_NAME))
+    with stream_errors():
+        data = (
+            map_data(config, run, first_epoch)
+            if config.volume
+            else particle_data(config, particles, split, run, resume)
+        )
+    if chief:
+        run.save_preprocessor(data.preprocessor)
+    log.info(f"training on {data.description}")
+    with strategy.scope():
+        model = build_model(config)
+        model.compile(optimizer=make_optimizer(config, data.steps_per_epoch))
+        if latest:
+            _restore(model, latest[0])
+    log.info(
+        f"model: {config.encoder} encoder ({model.count_params():,} parameters), {config.head} head, "
+        f"{config.image_size} px, {strategy.num_replicas_in_sync} replica(s); "
+        + (
+            f"{config.epochs} epochs"
+            if config.epochs
+            else f"until a validation plateau (at most {config.max_epochs} epochs)"
+        )
+    )
+    state = TrainingState(config, outputs, data.steps_per_epoch, latest[1] if latest else {})
+    if latest and state.state.get("best_epoch") == first_epoch - 1 and chief:
+        with atomic_output(run.file(MODEL_NAME)) as tmp:  # its save may have been cut short by the interrupt
+            model.save(tmp)
+    if first_epoch >= config.epoch_limit or (latest and state.state["plateaus"] >= TrainingState.MAX_PLATEAUS):
+        log.info(f"{run.path}: training had already finished after {first_epoch} epochs")
+        history = None
+    else:
+        callbacks = [
+            LossWeightScheduler(loss_schedule(config)),
+            keras.callbacks.TensorBoard(str(outputs.file(LOGS)), write_graph=False, profile_batch=0),
+            state,
+        ]
+        with stream_errors():
+            history = model.fit(
+                data.train,
+                initial_epoch=first_epoch,
+                epochs=config.epoch_limit,
+                steps_per_epoch=data.steps_per_epoch,
+                validation_data=data.val,
+                callbacks=callbacks,
+                verbose=verbose,
+                shuffle=False,  # the datasets shuffle themselves, reproducibly
+            )
+    if chief and run.file(MODEL_NAME).exists() and config.head == "qcqp":
+        calibrate_on_validation(run.path, config)
+    return history
 
 
 def validation_particles(run: Path, config: TrainingConfig) -> tuple[ParticleSet, np.ndarray | None]:
     """The run's validation particles: RUN/val for a map run, the split's val subset for a particle run."""
+    run = Run(run)
     if config.volume:
-        return ParticleSet.open(run / "val" / "particles.star"), None
+        return ParticleSet.open(run.file("val/particles.star")), None
     particles = ParticleSet.open(config.star, datadir=config.datadir)
-    return particles, load_split(run / SPLIT_NAME, particles)["val"]
+    return particles, load_split(run.file(SPLIT_NAME), particles)["val"]
 
 
 def calibrate_on_validation(run: Path, config: TrainingConfig) -> None:
@@ -374,19 +551,15 @@ def calibrate_on_validation(run: Path, config: TrainingConfig) -> None:
     errors = pose_errors_deg(table, truth, config.symmetry)
     if OUTLIER in truth:
         table[OUTLIER] = truth[OUTLIER].to_numpy()
-    save_calibration(run, calibrate(table, errors_deg=errors))
-    print(f"uncertainty calibrated on {len(table)} validation particles: {run / 'calibration.json'}", file=sys.stderr)
+    path = save_calibration(run, calibrate(table, errors_deg=errors))
+    log.info(f"uncertainty calibrated on {len(table)} validation particles: {path}")
 
 
 def load_run(run: str | Path) -> tuple[OrientationEstimator, TrainingConfig, Preprocessor]:
-    """The best model of a run folder with its config and preprocessing."""
-    run = Path(run)
-    model_path = run / MODEL_NAME
-    if not model_path.exists():
-        raise CryoForumError(
-            f"--model {run}: no {MODEL_NAME} (is it a cryo-forum run folder, and did an epoch finish?)"
-        )
-    config = TrainingConfig.load(run / CONFIG_NAME)
-    preprocessor = Preprocessor.from_dict(json.loads((run / "preprocess.json").read_text()))
-    model = keras.models.load_model(model_path)
-    return model, config, preprocessor
+    """The best model of a run folder with its config and preprocessing (one-line errors for damaged runs)."""
+    folder = Run(run)
+    if not folder.exists:
+        raise CryoForumError(f"{folder.path}: not a cryo-forum run folder ({CONFIG_NAME} is missing)")
+    config = TrainingConfig.load(folder.file(CONFIG_NAME))
+    preprocessor = folder.load_preprocessor()
+    return folder.load_model(), config, preprocessor

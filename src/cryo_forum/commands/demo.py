@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
 from cryo_forum.errors import CryoForumError
 
 STEPS = 6
+log = logging.getLogger("cryo_forum")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _run(step: int, title: str, argv: list[str]) -> None:
     from cryo_forum.cli import main as cli
 
-    print(f"\n[{step}/{STEPS}] {title}\n  cryo-forum {' '.join(argv)}", file=sys.stderr, flush=True)
+    log.info(f"\n[{step}/{STEPS}] {title}\n  cryo-forum {' '.join(argv)}")
     if cli(argv) != 0:
         raise CryoForumError(f"step {step} ({title}) failed; see the message above")
 
@@ -49,12 +50,12 @@ def _resolution(fsc_folder: Path) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    from cryo_forum.io.guard import OutputGuard
     from cryo_forum.volumes import example_map_path
 
     if args.n < 20 or args.epochs < 1:
         raise CryoForumError("--n must be at least 20 and --epochs at least 1")
-    if (args.out / "summary.json").exists():
-        raise CryoForumError(f"--out {args.out}: already holds a demo; choose another folder")
+    OutputGuard().check_folder(args.out)
     started = time.perf_counter()
     out, example = args.out, str(example_map_path())
     data, run = out / "particles", out / "run"

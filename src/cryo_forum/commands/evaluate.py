@@ -99,8 +99,9 @@ def summary_lines(metrics: dict) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryo_forum.evaluate import evaluate, write_report
+    from cryo_forum.evaluate import METRICS_NAME, PARTICLES_NAME, PLOT_NAMES, evaluate, write_report
     from cryo_forum.geometry import normalise_symmetry_name
+    from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.particles import ParticleSet
 
     try:
@@ -111,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
     threshold = resolve_threshold(args)
     pred = ParticleSet.open(args.pred)
     truth = ParticleSet.open(args.truth)
+    guard = OutputGuard().protect_particles(pred).protect_particles(truth).protect(args.model, "a file of the run")
+    guard.check_folder(args.out, produces=(METRICS_NAME, PARTICLES_NAME, *PLOT_NAMES.values()))
     evaluation = evaluate(pred, truth, symmetry=symmetry, align=args.align, metric=args.metric, threshold=threshold)
     paths = write_report(evaluation, args.out, inputs=(args.pred, args.truth))
     print("\n".join(summary_lines(evaluation.metrics)))

@@ -70,14 +70,16 @@ def choose_threshold(args: argparse.Namespace) -> tuple[str, float, str, dict | 
 
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.calibrate import calibration_fraction_below, scores_from_table
-    from cryo_forum.io.atomic import atomic_output, refuse_overwriting_inputs
+    from cryo_forum.io.atomic import atomic_output
+    from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.particles import ParticleSet
 
     rejected_out = rejected_path(args.out)
-    refuse_overwriting_inputs(args.out, [args.star])
-    refuse_overwriting_inputs(rejected_out, [args.star])
-    metric, threshold, where, calibration = choose_threshold(args)
     particles = ParticleSet.open(args.star)
+    guard = OutputGuard().protect_particles(particles).protect(args.model, "a file of the run")
+    guard.check_file(args.out)
+    guard.check_file(rejected_out)
+    metric, threshold, where, calibration = choose_threshold(args)
     scores = scores_from_table(particles.table, metric, source=str(args.star))
     keep = scores <= threshold  # NaN scores (no uncertainty) are rejected
     unscored = int(np.sum(np.isnan(scores)))

@@ -52,8 +52,13 @@ def _pixel_size(args: argparse.Namespace, first: float, second: float) -> float:
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cryo_forum.fsc import fsc, resolution_at, write_fsc
+    from cryo_forum.fsc import JSON_NAME, PNG_NAME, fsc, resolution_at, write_fsc
+    from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.mrc import read_volume
+
+    OutputGuard().protect(args.map1).protect(args.map2).protect(args.mask).check_folder(
+        args.out, produces=(JSON_NAME, PNG_NAME)
+    )
 
     for threshold in args.threshold:
         if not -1.0 < threshold < 1.0:

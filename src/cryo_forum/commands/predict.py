@@ -15,8 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from cryo_forum.errors import CryoForumError
 
 SUBSETS = ("all", "train", "val", "test")
@@ -26,19 +24,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, metavar="RUN", help="a cryo-forum run folder")
     parser.add_argument("--star", type=Path, required=True, help="particles (.star or .cs)")
     parser.add_argument("--out", type=Path, required=True, help="output STAR file")
-    parser.add_argument("--subset", choices=SUBSETS, default="all", help="particles of the run's split (default all)")
+    parser.add_argument(
+        "--subset", choices=SUBSETS, default="all", help="particles of the run's split (default: all)"
+    )
     parser.add_argument("--datadir", type=Path, help="folder to look for particle stacks in")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="particles per batch (default: 256)")
 
 
-def subset_indices(run: Path, subset: str, particles) -> np.ndarray | None:
+def subset_indices(run: Path, subset: str, particles):
     """Indices of ``subset`` from RUN/split.json (None for all); checks the split belongs to these particles."""
     from cryo_forum.pipeline import load_split
+    from cryo_forum.run import SPLIT_NAME
 
     if subset == "all":
         return None
-    split_path = run / "split.json"
-    if json.loads(split_path.read_text()).get("mode") == "map":
+    split_path = run / SPLIT_NAME
+    try:
+        mode = json.loads(split_path.read_text()).get("mode")
+    except (OSError, ValueError) as error:
+        raise CryoForumError(f"{split_path}: cannot read the run's split ({error})") from None
+    if mode == "map":
         raise CryoForumError(
             f"--subset {subset}: {run} was trained from a map; predict its fixed sets with --star {run / subset}/"
             "particles.star"
@@ -47,20 +52,29 @@ def subset_indices(run: Path, subset: str, particles) -> np.ndarray | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryo_forum.io.atomic import refuse_overwriting_inputs
+    import numpy as np
+
+    from cryo_forum.coverage import warn_if_collapsed
+    from cryo_forum.geometry import euler_to_quaternion
+    from cryo_forum.io import star
+    from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.prediction import predict_particles, preprocessor_for
-    from cryo_forum.training import load_run
 
     if args.batch_size < 1:
         raise CryoForumError(f"--batch-size: must be positive, got {args.batch_size}")
-    refuse_overwriting_inputs(args.out, [args.star])
-    model, _, trained_preprocessor = load_run(args.model)
     particles = ParticleSet.open(args.star, datadir=args.datadir)
+    OutputGuard().protect_particles(particles).protect(args.model, "a file of the run").check_file(args.out)
     particles.validate()
+
+    from cryo_forum.prediction import predict_particles, preprocessor_for
+    from cryo_forum.training import load_run
+
+    model, config, trained_preprocessor = load_run(args.model)
     indices = subset_indices(args.model, args.subset, particles)
     preprocessor = preprocessor_for(particles, trained_preprocessor)
     table = predict_particles(model, particles, preprocessor, indices, batch_size=args.batch_size)
+    poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
+    warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
     particles.write_star(args.out, columns=table, keep=indices)
     print(f"predicted {len(table)} particles -> {args.out}")
     return 0

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
+import logging
 from pathlib import Path
 
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
+
+log = logging.getLogger("cryo_forum")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +61,10 @@ def output_paths(out: Path) -> dict[str, Path]:
 
 def main(args: argparse.Namespace) -> int:
     from cryo_forum import geometry
+    from cryo_forum.coverage import warn_if_collapsed
     from cryo_forum.fsc import HALF_MAP_THRESHOLD, fsc, resolution_at, write_fsc
-    from cryo_forum.io.atomic import atomic_directory, atomic_output, refuse_overwriting_inputs
+    from cryo_forum.io.atomic import atomic_directory, atomic_output
+    from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.mrc import write_volume
     from cryo_forum.io.particles import ParticleSet
     from cryo_forum.reconstruct import half_maps, reconstruct
@@ -73,19 +77,20 @@ def main(args: argparse.Namespace) -> int:
         raise CryoForumError(f"--wiener must be >= 0, got {args.wiener}")
     if args.batch_size < 1:
         raise CryoForumError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.out.is_dir():
-        raise CryoForumError(f"--out {args.out}: is a folder; give a map file name such as map.mrc")
     particles = ParticleSet.open(args.star, datadir=args.datadir)
     if not particles.has_poses:
         raise CryoForumError(f"{args.star}: no poses ({', '.join(star.ANGLES)}) to reconstruct from")
     paths = output_paths(args.out)
-    written = {"map": paths["map"]} if not args.half_maps else paths
-    inputs = [args.star, *(particles.resolve_stack(name) for name in particles.stack_names)]
-    for path in written.values():
-        refuse_overwriting_inputs(path, inputs)
+    guard = OutputGuard().protect_particles(particles)
+    for key, path in paths.items():
+        if key == "fsc" and args.half_maps:
+            guard.check_folder(path, produces=("fsc.json", "fsc.png"))
+        elif key == "map" or args.half_maps:
+            guard.check_file(path)
+    warn_if_collapsed(particles.quaternions(), f"the particles of {args.star}", symmetry)
 
     options = {"symmetry": symmetry, "wiener_constant": args.wiener, "batch_size": args.batch_size, "progress": True}
-    print(f"reconstructing {len(particles)} particles ({symmetry})", file=sys.stderr)
+    log.info(f"reconstructing {len(particles)} particles ({symmetry})")
     if args.half_maps:
         maps = half_maps(particles, subset_column=args.subset_column, **options)
         volumes = {"map": maps.full, "half1": maps.half1, "half2": maps.half2}

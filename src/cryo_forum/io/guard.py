@@ -9,6 +9,7 @@ not be written (a folder that is not writable, a file name that is an existing f
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class OutputGuard:
         self._refuse_input(output)
         if output.is_dir():
             raise CryoForumError(f"{output}: is a folder; give a file name")
-        _check_writable(output.parent)
+        _check_writable(output, output.parent)
         return output
 
     def check_folder(self, output: str | os.PathLike, produces: Iterable[str] | None = None) -> Path:
@@ -80,14 +81,19 @@ class OutputGuard:
             raise CryoForumError(f"{output}: is {what} of this command; refusing to write over it")
 
 
-def _check_writable(path: Path) -> None:
-    """The nearest existing ancestor of ``path`` (or path itself) must be a folder we may create files in."""
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
+def _check_writable(path: Path, start: Path | None = None) -> None:
+    """The nearest existing one of ``start`` (default ``path``) and its ancestors must be a folder we can create
+    files in, so that ``path`` can be written.
+
+    Tried by creating (and removing) a temporary file: permission bits say nothing for root or read-only mounts.
+    """
+    existing = path if start is None else start
+    while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
         raise CryoForumError(f"{path}: cannot be created, {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CryoForumError(f"{path}: cannot write here, {existing} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise CryoForumError(f"{path}: cannot write in {existing} ({error.strerror or error})") from None

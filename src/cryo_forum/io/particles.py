@@ -8,6 +8,7 @@ original blocks back (optics intact, same RELION layout) with new columns, never
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -28,6 +29,8 @@ STACK_SUFFIXES = (".mrcs", ".mrc", ".st")
 RELION_31_VERSION = 30001  # the "# version" tag of the RELION 3.1/4.0 STAR layout
 _VERSION_NAMES = {30001: "3.1", 50001: "5"}
 _OPEN_STACKS = 64  # stack files kept open at once (least recently used closed first)
+
+log = logging.getLogger(__name__)
 
 
 class _StackCache:
@@ -110,9 +113,12 @@ class ParticleSet:
 
     @classmethod
     def _from_stack(cls, path: Path, datadir: Path | None) -> ParticleSet:
+        """One particle per image of an MRC stack; a file the header rule calls a volume is refused."""
         info = mrc_info(path)
         if info.is_volume:
-            raise CryoForumError(f"{path}: is a 3-D volume, not a particle stack (use .mrcs or mark it a stack)")
+            raise CryoForumError(
+                f"{path}: is a 3-D volume, not a particle stack (name it .mrcs, or mark it a stack: ispg 0, mz 1)"
+            )
         n = open_stack(path).shape[0]
         particles = pd.DataFrame(
             {
@@ -284,7 +290,11 @@ class ParticleSet:
     # ------------------------------------------------------------------ images
 
     def _resolve(self, name: str) -> Path:
-        """The file of stack ``name``: absolute, or beside the source, in the working folder, in datadir."""
+        """The file of stack ``name``: absolute, or beside the source, in the working folder, in datadir.
+
+        The working folder is where RELION resolves its relative paths (the project folder); a stack found there
+        rather than beside the source is reported once, so a same-named file elsewhere is never read silently.
+        """
         if name in self._cache.paths:
             return self._cache.paths[name]
         if Path(name).is_absolute():
@@ -293,8 +303,10 @@ class ParticleSet:
             candidates = [self.source.parent / name, Path.cwd() / name]
             if self.datadir is not None:
                 candidates.append(self.datadir / name)
-        for candidate in candidates:
+        for number, candidate in enumerate(candidates):
             if candidate.is_file():
+                if number == 1:
+                    log.info(f"{self.source}: stack {name} is read from the working folder ({candidate})")
                 self._cache.paths[name] = candidate
                 return candidate
         looked = ", ".join(str(c) for c in candidates)
@@ -303,6 +315,12 @@ class ParticleSet:
     def resolve_stack(self, name: str) -> Path:
         """The file of one of ``stack_names``; CryoForumError listing the places searched if absent."""
         return self._resolve(name)
+
+    def highest_image_per_stack(self) -> dict[str, int]:
+        """The highest 1-based image number the metadata refers to in each of ``stack_names``."""
+        tops = np.full(len(self.stack_names), -1, dtype=np.int64)
+        np.maximum.at(tops, self._codes, self._index)
+        return {name: int(top) + 1 for name, top in zip(self.stack_names, tops, strict=True)}
 
     def _stack(self, code: int) -> StackReader:
         return self._cache.open(self._resolve(self.stack_names[code]))
@@ -364,16 +382,13 @@ class ParticleSet:
     def validate(self) -> None:
         """Check that every stack exists and is readable, indices lie in range and all boxes are equal."""
         sizes: dict[Path, int] = {}
-        tops = np.full(len(self.stack_names), -1, dtype=np.int64)
-        np.maximum.at(tops, self._codes, self._index)  # the highest image index of each stack, in O(N)
-        for code, name in enumerate(self.stack_names):
-            if tops[code] < 0:
+        for code, (name, top) in enumerate(self.highest_image_per_stack().items()):
+            if top < 1:
                 continue
             path = self._resolve(name)
             stack = self._stack(code)
-            top = int(tops[code])
-            if top >= len(stack):
-                raise CryoForumError(f"{path}: image {top + 1} requested but the stack holds {len(stack)} images")
+            if top > len(stack):
+                raise CryoForumError(f"{path}: image {top} requested but the stack holds {len(stack)} images")
             sizes[path] = int(stack.shape[-1])
         if len(set(sizes.values())) > 1:
             listing = ", ".join(f"{path}: {size} px" for path, size in sizes.items())
@@ -403,8 +418,8 @@ class ParticleSet:
 
         ``columns`` holds one value per particle of this set (len(self)) or per kept particle (len(keep)).
         The output keeps the input's RELION layout (a .cs or .mrcs source is written as RELION 3.1), every
-        block and column; it is written atomically and never over the source. Stack paths that only resolve
-        beside the source (or in datadir) become absolute when the output goes to another folder.
+        block and column; it is written atomically and never over the source. Stack names follow the policy of
+        :meth:`_portable_stack_names`: the written file finds its stacks from any working folder.
         """
         path = Path(path)
         kept = np.arange(len(self)) if keep is None else self._as_indices(keep)
@@ -428,17 +443,22 @@ class ParticleSet:
         star.write_star(path, blocks, inputs=[self.source], version=self.version)
 
     def _portable_stack_names(self, folder: Path) -> dict[str, str]:
-        """Absolute paths for stacks found only beside the source or in datadir, when writing into ``folder``."""
-        if folder.resolve() == self.source.parent.resolve():
-            return {}
+        """New names for the stacks of a STAR file written into ``folder``, so that it reads from anywhere.
+
+        The policy: a stack keeps its name when that name, taken relative to ``folder``, is the same file (or
+        the name is absolute); any other stack is named by its absolute path. Stacks that cannot be found keep
+        their names.
+        """
         renamed = {}
         for name in self.stack_names:
-            if Path(name).is_absolute() or (Path.cwd() / name).is_file():
+            if Path(name).is_absolute():
                 continue
             try:
-                renamed[name] = str(self._resolve(name).resolve())
+                stack = self._resolve(name).resolve()
             except CryoForumError:
                 continue
+            if (folder / name).resolve() != stack:
+                renamed[name] = str(stack)
         return renamed
 
 

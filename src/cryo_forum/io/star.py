@@ -19,10 +19,9 @@ import re
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
-import pandas as pd
 
 from cryo_forum import __version__
 from cryo_forum.errors import CryoForumError
@@ -74,7 +73,10 @@ OPTICS_BLOCK = "optics"
 # Columns whose values look numeric but are names: parsed as strings so that "0001" stays "0001".
 STRING_COLUMNS = [IMAGE_NAME, MICROGRAPH_NAME, OPTICS_GROUP_NAME, "rlnCtfImage", "rlnReferenceImage"]
 
-Block = pd.DataFrame | dict
+if TYPE_CHECKING:  # pandas is imported where tables are made, so that importing the column names stays fast
+    import pandas as pd
+
+    Block = pd.DataFrame | dict
 _VERSION_COMMENT = re.compile(r"^#\s*version\s+(\d+)")
 
 
@@ -178,6 +180,8 @@ def _number_or_text(value: str) -> int | float | str:
 
 
 def _parse_loop(lines: _Lines) -> pd.DataFrame:
+    import pandas as pd
+
     lines.advance()
     names = []
     while lines.current is not None and lines.current.startswith("_"):
@@ -263,6 +267,8 @@ def _write_pairs(handle: TextIO, name: str, block: dict) -> None:
 
 def _write_loop(handle: TextIO, name: str, frame: pd.DataFrame) -> None:
     """One loop block: header, then the rows through ``DataFrame.to_csv`` in chunks (no whole-file string)."""
+    import pandas as pd
+
     handle.write(f"data_{name}\n\nloop_\n")
     handle.writelines(f"_{column} #{number}\n" for number, column in enumerate(frame.columns, 1))
     frame = frame.copy(deep=False)

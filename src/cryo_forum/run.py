@@ -1,0 +1,198 @@
+"""A run folder: what ``cryo-forum train`` writes and ``predict``, ``export``, ``filter`` read.
+
+Files (names defined here only): ``config.yaml`` (every setting), ``preprocess.json`` (how images are
+prepared for the network), ``split.json``, ``model.keras`` (the best epoch), ``history.csv`` (one row per
+completed epoch), ``calibration.json``, ``logs/`` (TensorBoard), ``checkpoints/`` and, for map runs, ``val/``
+and ``test/``.
+
+Every file is replaced atomically, so an interrupt at any moment (Ctrl-C, SIGTERM, SIGKILL) leaves a run that
+``--resume`` continues: a checkpoint is a folder ``checkpoints/epoch-NNNNN`` holding the model and optimiser
+weights and the training state (history rows, best value, stopping-rule counters), built under a temporary
+name and renamed into place in one step; ``history.csv`` is rewritten from the newest checkpoint's rows, so
+the two never disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from cryo_forum.errors import CryoForumError
+from cryo_forum.io.atomic import atomic_output
+
+CONFIG_NAME = "config.yaml"
+PREPROCESS_NAME = "preprocess.json"
+SPLIT_NAME = "split.json"
+MODEL_NAME = "model.keras"
+HISTORY_NAME = "history.csv"
+CALIBRATION_NAME = "calibration.json"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+WEIGHTS_NAME = "weights.weights.h5"
+STATE_NAME = "state.json"
+_CHECKPOINT_PREFIX = "epoch-"
+_KEPT_CHECKPOINTS = 2
+
+
+class Run:
+    """The run folder at ``path`` (which may not exist yet)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def exists(self) -> bool:
+        """Whether the folder holds a run (its config.yaml)."""
+        return self.file(CONFIG_NAME).is_file()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first (an interrupted one has a temporary name and is skipped)."""
+        folder = self.path / CHECKPOINTS
+        if not folder.is_dir():
+            return []
+        found = [item for item in folder.iterdir() if item.is_dir() and item.name.startswith(_CHECKPOINT_PREFIX)]
+        return sorted(found, key=lambda item: item.name)
+
+    def latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint folder and its state, or None before the first epoch ended."""
+        checkpoints = self.checkpoints()
+        if not checkpoints:
+            return None
+        latest = checkpoints[-1]
+        try:
+            state = json.loads((latest / STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CryoForumError(
+                f"{latest}: damaged checkpoint ({error}); delete it to resume from the one before"
+            ) from None
+        return latest, state
+
+    def save_checkpoint(self, model, epoch: int, state: dict[str, Any]) -> Path:
+        """Commit the model's weights (optimiser included) and ``state`` after ``epoch`` epochs, atomically.
+
+        Older checkpoints beyond the last two are removed afterwards; history.csv follows from ``state``.
+        """
+        folder = self.path / CHECKPOINTS
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".epoch.", suffix=".partial", dir=folder))
+        try:
+            model.save_weights(staging / WEIGHTS_NAME)
+            (staging / STATE_NAME).write_text(json.dumps({**state, "epoch": epoch}, indent=1) + "\n")
+            _fsync_folder(staging)
+            target = folder / f"{_CHECKPOINT_PREFIX}{epoch:05d}"
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for old in self.checkpoints()[:-_KEPT_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.write_history(state.get("history", []))
+        return target
+
+    def remove_partial_checkpoints(self) -> None:
+        """Delete checkpoint folders an interrupt left half-written."""
+        folder = self.path / CHECKPOINTS
+        if folder.is_dir():
+            for item in folder.glob(".epoch.*.partial"):
+                shutil.rmtree(item, ignore_errors=True)
+
+    def write_history(self, rows: list[dict[str, float]]) -> None:
+        """history.csv: one row per completed epoch, columns ``epoch`` then the logged values."""
+        columns = ["epoch", *sorted({key for row in rows for key in row} - {"epoch"})]
+        lines = [",".join(columns)]
+        lines += [",".join(_csv_value(row.get(column)) for column in columns) for row in rows]
+        with atomic_output(self.file(HISTORY_NAME)) as tmp:
+            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # ------------------------------------------------------------ the trained model
+
+    def load_model(self):
+        """The best model (model.keras), with errors that name the file instead of a Keras traceback."""
+        from cryo_forum.tensorflow_quiet import keras
+
+        path = self.file(MODEL_NAME)
+        if not path.is_file():
+            raise CryoForumError(
+                f"{self.path}: no {MODEL_NAME} (is it a cryo-forum run folder, and did an epoch finish?)"
+            )
+        if not zipfile.is_zipfile(path):
+            raise CryoForumError(f"{path}: not a Keras model file (damaged or truncated)")
+        try:
+            with _quiet_keras_loading():
+                model = keras.models.load_model(path)
+        except ValueError as error:
+            if "Lambda" in str(error) and "safe" in str(error):
+                raise CryoForumError(
+                    f"{path}: holds a Lambda layer, arbitrary code that cryo-forum refuses to load (safe mode)"
+                ) from None
+            raise CryoForumError(f"{path}: cannot load the model ({_first_line(error)})") from None
+        except Exception as error:
+            raise CryoForumError(
+                f"{path}: cannot load the model ({type(error).__name__}: {_first_line(error)})"
+            ) from None
+        from cryo_forum.model import OrientationEstimator
+
+        if not isinstance(model, OrientationEstimator):
+            raise CryoForumError(f"{path}: a Keras model, but not a cryo-forum orientation estimator")
+        return model
+
+    def load_preprocessor(self):
+        """The Preprocessor of preprocess.json."""
+        from cryo_forum.preprocess import Preprocessor
+
+        path = self.file(PREPROCESS_NAME)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CryoForumError(f"{path}: missing; the run folder is incomplete") from None
+        except (OSError, ValueError) as error:
+            raise CryoForumError(f"{path}: cannot read ({error})") from None
+        if not isinstance(values, dict):
+            raise CryoForumError(f"{path}: not a preprocessing description")
+        return Preprocessor.from_dict(values)
+
+    def save_preprocessor(self, preprocessor) -> None:
+        with atomic_output(self.file(PREPROCESS_NAME)) as tmp:
+            tmp.write_text(json.dumps(preprocessor.to_dict(), indent=2) + "\n")
+
+
+def _csv_value(value) -> str:
+    return "" if value is None else repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_keras_loading():
+    """Keras warns on stderr about every file it cannot quite read; the error message says enough."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush the files of ``folder`` to disk before it is renamed into place (a crash keeps them whole)."""
+    for item in folder.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
