@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"cryo_forum": ["data/*.mrc", "data/*.pdb", "data/*.md"]},
+    package_data={"cryo_forum": ["data/*.mrc", "data/*.pdb", "data/*.md", "data/*.txt"]},
     install_requires=[
         "tensorflow>=2.16,<2.22",
         "keras>=3.0",

@@ -7,8 +7,10 @@ result.json, errors.png) and prints the figures for the README:
   python bench/accuracy.py --snr 0.1
 
 The test set (1000 particles, 64 px at 4.58 A/px, CTF, defocus 1-2.5 um, 10 % labelled outliers) is simulated
-with a seed the training never uses; errors are reported on its inliers. The map is ../shared/data/5j0n.mrc
-beside the checkout (--volume to use another).
+with a seed the training never uses; errors are reported on its inliers. The map is the package's copy of PDB
+5J0N (cryo_forum/data/5j0n.mrc, 3.67 A/px; provenance and licence in cryo_forum/data/README.md); --volume takes
+another map or an atomic model. result.json and test/map.json record the map's path and sha256; a test set or run
+kept from an earlier invocation is reused only with the same map.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _maps import add_volume_option, check_recorded_map, map_record, record_map, same_map
+
+from cryo_forum.volumes import benchmark_map_path
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MAP = ROOT.parent / "shared" / "data" / "5j0n.mrc"
+DEFAULT_MAP = benchmark_map_path()
 TEST_SEED = 9001
 APIX = 4.58
 SIZE = 64
@@ -31,7 +38,7 @@ SIZE = 64
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--snr", type=float, required=True)
-    parser.add_argument("--volume", type=Path, default=DEFAULT_MAP)
+    add_volume_option(parser, DEFAULT_MAP, "the package's 5J0N map")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--particles-per-epoch", type=int, default=6400)
     parser.add_argument("--encoder", default="small")
@@ -47,11 +54,14 @@ def simulate_test_set(volume: Path, snr: float, n: int, folder: Path) -> Path:
     from cryo_forum.cli import main as cli
 
     star = folder / "particles.star"
-    if not star.exists():
-        command = ["simulate", "--volume", str(volume), "--n", str(n), "--box-size", str(SIZE), "--apix", str(APIX)]
-        command += ["--snr", str(snr), "--ctf", "--outliers", "0.1", "--seed", str(TEST_SEED), "--out", str(folder)]
-        if cli(command) != 0:
-            raise SystemExit(f"simulating the test set into {folder} failed")
+    if star.exists():
+        check_recorded_map(folder, volume)
+        return star
+    command = ["simulate", "--volume", str(volume), "--n", str(n), "--box-size", str(SIZE), "--apix", str(APIX)]
+    command += ["--snr", str(snr), "--ctf", "--outliers", "0.1", "--seed", str(TEST_SEED), "--out", str(folder)]
+    if cli(command) != 0:
+        raise SystemExit(f"simulating the test set into {folder} failed")
+    record_map(folder, volume)
     return star
 
 
@@ -63,11 +73,21 @@ def train_from_map(volume: Path, snr: float, run: Path, epochs: int, per_epoch: 
     command += ["--ctf", "--outliers", "0.1", "--epochs", str(epochs), "--particles-per-epoch", str(per_epoch)]
     command += ["--out", str(run), *options]
     if (run / "config.yaml").exists():
+        check_run_map(run, volume)
         command = ["train", "--resume", "--out", str(run), "--epochs", str(epochs)]
     started = time.perf_counter()
     if cli(command) != 0:
         raise SystemExit(f"training {run} failed")
     return time.perf_counter() - started
+
+
+def check_run_map(run: Path, volume: Path) -> None:
+    """Stop unless the run kept in ``run`` trains from ``volume`` (the same bytes), so resuming it is the same run."""
+    from cryo_forum.config import TrainingConfig
+
+    trained_from = TrainingConfig.load(run / "config.yaml").volume
+    if trained_from is None or not same_map(Path(trained_from), volume):
+        raise SystemExit(f"{run} trains from {trained_from}, not from {volume}: delete it or choose another --out")
 
 
 def predict(run: Path, test_star: Path, predicted: Path) -> float:
@@ -118,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         "particles_per_epoch": args.particles_per_epoch,
         "encoder": args.encoder,
         "head": args.head,
+        "map": map_record(args.volume),
         "command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    error_histogram(errors, out / "errors.png", title=f"5j0n, 64 px, CTF, SNR {args.snr:g}: held-out inliers")
+    title = f"{args.volume.stem}, 64 px, CTF, SNR {args.snr:g}: held-out inliers"
+    error_histogram(errors, out / "errors.png", title=title)
     print(json.dumps(result, indent=2))
     return 0
 

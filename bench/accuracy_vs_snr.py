@@ -2,16 +2,18 @@
 
   python bench/accuracy_vs_snr.py
 
-For each SNR (1, 0.1, 0.03, 0.01) one test set of 1000 particles is simulated from 5j0n (64 px, 4.58 A/px, CTF,
-10 % labelled outliers; the same seed as bench/accuracy.py). Each head (qcqp, quaternion, 6d, 9d) trains on fresh
+For each SNR (1, 0.1, 0.03, 0.01) one test set of 1000 particles is simulated from the map (default: the
+package's 5J0N map, as in bench/accuracy.py; --volume for another map or an atomic model) at 64 px, 4.58 A/px, CTF,
+10 % labelled outliers, with the same seed as bench/accuracy.py. Each head (qcqp, quaternion, 6d, 9d) trains on fresh
 particles from the map at that SNR with the same budget (--epochs x --particles-per-epoch, default settings
 otherwise) and predicts the test set; `cryo-forum match` searches the same test set against the map it was
-simulated from (test/volume.mrc: 5j0n boxed and centred as the simulation did). Errors are taken on the inliers.
-The qcqp runs of bench/accuracy.py (same test sets, longer training), where present, are drawn beside them and
-enter the target check at SNR 0.1 (best qcqp median / projection matching median).
+simulated from (test/volume.mrc: the map boxed and centred as the simulation did). Errors are taken on the
+inliers. The qcqp runs of bench/accuracy.py from the same map (same test sets, longer training), where present, are
+drawn beside them and enter the target check at SNR 0.1 (best qcqp median / projection matching median).
 
-Writes bench/results/accuracy_vs_snr/result.json (every figure) and accuracy_vs_snr.png; each (SNR, method) is
-kept in its own folder with its result.json, so an interrupted run resumes where it stopped.
+Writes bench/results/accuracy_vs_snr/result.json (every figure and the map's path and sha256) and
+accuracy_vs_snr.png; each (SNR, method) is kept in its own folder with its result.json, so an interrupted run
+resumes where it stopped (with the same map only: each test folder records its map in map.json).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _maps import add_volume_option, map_record
 from accuracy import DEFAULT_MAP, ROOT, inlier_errors_deg, predict, simulate_test_set, train_from_map
 
 HEADS = ("qcqp", "quaternion", "6d", "9d")
@@ -36,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--snrs", type=float, nargs="+", default=list(SNRS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--volume", type=Path, default=DEFAULT_MAP)
+    add_volume_option(parser, DEFAULT_MAP, "the package's 5J0N map")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--particles-per-epoch", type=int, default=6400)
     parser.add_argument("--n-test", type=int, default=1000)
@@ -91,12 +94,17 @@ def measure(args: argparse.Namespace, method: str, snr: float, test_star: Path) 
     return entry
 
 
-def long_runs() -> list[dict]:
-    """The qcqp runs of bench/accuracy.py (same test sets, longer training), where they have been run."""
+def long_runs(sha256: str) -> list[dict]:
+    """The qcqp runs of bench/accuracy.py from the map with this sha256 (same test sets, longer training).
+
+    Results written before maps were recorded came from the 5J0N map, byte for byte the package's copy.
+    """
     found = (
         json.loads(path.read_text()) for path in sorted((ROOT / "bench" / "results").glob("accuracy_snr*/result.json"))
     )
-    return sorted((run for run in found if run["head"] == "qcqp"), key=lambda run: run["snr"])
+    default = {"sha256": map_record(DEFAULT_MAP)["sha256"]}
+    same = (run for run in found if run["head"] == "qcqp" and run.get("map", default)["sha256"] == sha256)
+    return sorted(same, key=lambda run: run["snr"])
 
 
 def target_check(entries: list[dict], references: list[dict]) -> dict | None:
@@ -109,7 +117,7 @@ def target_check(entries: list[dict], references: list[dict]) -> dict | None:
     return {"snr": 0.1, "qcqp_median_deg": min(qcqp), "match_median_deg": matching, "ratio": min(qcqp) / matching}
 
 
-def plot(entries: list[dict], references: list[dict], path: Path) -> None:
+def plot(entries: list[dict], references: list[dict], path: Path, name: str) -> None:
     """Median and mean error against SNR, one line per method; longer qcqp runs as separate markers."""
     from matplotlib.figure import Figure
 
@@ -135,7 +143,7 @@ def plot(entries: list[dict], references: list[dict], path: Path) -> None:
         axis.set(xscale="log", yscale="log", xlabel="SNR", ylabel=f"{statistic} error on inliers (deg)")
         axis.grid(True, which="both", alpha=0.3)
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9)
-    fig.suptitle("5j0n, 64 px, CTF: held-out test particles")
+    fig.suptitle(f"{name}, 64 px, CTF: held-out test particles")
     save_png(fig, path)
 
 
@@ -148,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
             entry = measure(args, method, snr, test_star)
             print(f"SNR {snr:g} {method}: median {entry['median_deg']:.2f} deg, mean {entry['mean_deg']:.2f} deg")
             entries.append(entry)
-    references = long_runs()
+    volume = map_record(args.volume)
+    references = long_runs(volume["sha256"])
     summary = {
         "command": "python bench/accuracy_vs_snr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "map": volume,
         "entries": entries,
         "longer_qcqp_runs": references,
         "target_snr0.1_qcqp_over_match": target_check(entries, references),
     }
     (args.out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(entries, references, args.out / "accuracy_vs_snr.png")
+    plot(entries, references, args.out / "accuracy_vs_snr.png", args.volume.stem)
     print(json.dumps(summary["target_snr0.1_qcqp_over_match"]))
     return 0
 

@@ -9,6 +9,9 @@ kept ones and from the true poses, evaluates, and writes bench/results/cleanup_s
 
 Targets (issue 4): outlier AUROC >= 0.9; mean error of the kept particles at most half the mean error before
 filtering; the kept particles' map reaches a better FSC 0.143 resolution than all particles'.
+
+It simulates nothing, so it takes no --volume: the map is the one bench/accuracy.py simulated the test set from
+(its --volume), and result.json copies that map's record (path and sha256, from the test folder's map.json).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _maps import recorded_map
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = ROOT / "bench" / "results" / "accuracy_snr1"
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_deg_inliers": metrics["mean_deg"],
         "mean_deg_kept_inliers": metrics["kept_mean_deg"],
         "fsc_0143_angstrom": resolution,
+        "map": recorded_map(args.test.parent),
         "seconds": round(time.perf_counter() - started, 1),
         "command": "python bench/cleanup.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

@@ -3,9 +3,11 @@
   python bench/scaling.py                 # N = 1000 10000 100000, 64 px (stack of 1.6 GB)
   python bench/scaling.py --quick         # smoke test: N = 200 1000 at 32 px, about a minute
 
-Data: the largest set is simulated once from the built-in example map (PDB 1A28 chain A, 64 px boxes at 2 A/px,
-SNR 0.1, CTF) into OUT/data/ and reused by later runs; the smaller sets are STAR files listing the first N particles
-of the same stack. Each measurement runs the real CLI in a fresh child process:
+Data: the largest set is simulated once from the built-in example map (PDB 1A28 chain A; --volume for another map
+or an atomic model) in 64 px boxes of --field-of-view A (default 128 A: 2 A/px), SNR 0.1, CTF, into OUT/data/ and
+reused by later runs from the same map (OUT/data/map.json records it; result.json too, path and sha256); the
+smaller sets are STAR files listing the first N particles of the same stack. Each measurement runs the real CLI in
+a fresh child process:
   predict  `cryo-forum predict` of the N particles with one model (trained once: the epoch run of the smallest N;
            the weights do not change the timing), default batch size;
   train    `cryo-forum train --star ... --epochs 1` with default settings (80/10/10 split, batch 64).
@@ -48,6 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _maps import add_volume_option, check_recorded_map, map_record, record_map
+
+from cryo_forum.volumes import example_map_path
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1000, 10000, 100000)
 QUICK_SIZES = (200, 1000)
@@ -64,14 +71,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", help=f"particle counts (default {' '.join(map(str, SIZES))})")
     parser.add_argument("--quick", action="store_true", help="smoke test: N = 200 1000, 32 px boxes")
     parser.add_argument("--out", type=Path, help="default: bench/results/scaling (scaling_quick with --quick)")
+    add_volume_option(parser, example_map_path(), "the built-in example map")
+    parser.add_argument(
+        "--field-of-view",
+        type=float,
+        default=128.0,
+        metavar="A",
+        help="box edge of the simulated particles in A (default %(default)g)",
+    )
     args = parser.parse_args(argv)
     args.sizes = sorted(set(args.sizes or (QUICK_SIZES if args.quick else SIZES)))
     if args.sizes[0] < 100:
         parser.error("--sizes: at least 100 particles (training needs a full batch of 64 after the split)")
     folder = "scaling_quick" if args.quick else "scaling"
     args.out = args.out or ROOT / "bench" / "results" / folder
-    # box, pixel size (same 128 A field of view) and the train options the box needs
-    args.box, args.apix, args.train_options = (32, 4.0, ["--image-size", "32"]) if args.quick else (64, 2.0, [])
+    # box, the train options it needs and the pixel size that fills the field of view
+    args.box, args.train_options = (32, ["--image-size", "32"]) if args.quick else (64, [])
+    args.apix = args.field_of_view / args.box
     return args
 
 
@@ -85,7 +101,6 @@ def cli_command(*arguments: str) -> list[str]:
 def simulate(args: argparse.Namespace, data: Path) -> dict:
     """The largest set, simulated into ``data`` once (its own progress bar on stderr); what was done."""
     from cryo_forum.io.mrc import mrc_info
-    from cryo_forum.volumes import example_map_path
 
     star, stack = data / "particles.star", data / "particles.mrcs"
     n = args.sizes[-1]
@@ -96,13 +111,15 @@ def simulate(args: argparse.Namespace, data: Path) -> dict:
                 f"{data} holds {shape[0]} particles of {shape[-1]} px, not {n} of {args.box} px: "
                 "delete it or choose another --out"
             )
+        check_recorded_map(data, args.volume)
         return {"simulated_now": False, "n": shape[0]}
     print(f"simulating {n} particles of {args.box} px into {data}/ (done once)", file=sys.stderr)
-    command = ["simulate", "--volume", str(example_map_path()), "--n", str(n), "--box-size", str(args.box)]
+    command = ["simulate", "--volume", str(args.volume), "--n", str(n), "--box-size", str(args.box)]
     command += ["--apix", str(args.apix), "--snr", str(SNR), "--ctf", "--out", str(data)]
     started = time.perf_counter()
     if subprocess.run(cli_command(*command)).returncode != 0:
         raise SystemExit(f"simulating {n} particles into {data} failed")
+    record_map(data, args.volume)
     return {"simulated_now": True, "n": n, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -395,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "load_average_at_end": [round(value, 2) for value in os.getloadavg()],
         "data": {
-            "map": "built-in example map (PDB 1A28 chain A)",
+            "map": map_record(args.volume),
             "box_px": args.box,
             "apix": args.apix,
             "snr": SNR,

@@ -12,9 +12,10 @@ timing comes after a warm-up (tracing) and is repeated --repeats times; best and
   per batch (how a Keras user calls a model); and through cryo_forum.model.inference_function, the graph that
   cryo_forum.prediction.predict_particles (``cryo-forum predict``) uses.
 * Projection matching (particles/s) at the same sizes: ``cryo_forum.matching.match_particles`` (what
-  ``cryo-forum match`` runs, default settings) on particles simulated from the built-in map, after a warm-up run
-  (XLA compilation); the one-off set-up (36 864 coarse references) is timed apart from the per-particle search,
-  best of two passes over --match-particles particles.
+  ``cryo-forum match`` runs, default settings) on particles simulated from the built-in example map (--volume for
+  another map or an atomic model) in a box of --field-of-view A (default 128 A: 2 A/px at 64 px), after a warm-up
+  run (XLA compilation); the one-off set-up (36 864 coarse references) is timed apart from the per-particle
+  search, best of two passes over --match-particles particles. result.json records the map's path and sha256.
   The speed-up of amortised inference is matching's seconds per particle over the graph prediction's.
 * Training (pairs/s) at 64 px with the package's AdamW optimiser (make_optimizer), timed with ``model.fit``:
   - in-batch: OrientationEstimator's own train_step. One batch of 64 images gives 64 * 63 / 2 = 2016 pairs
@@ -43,6 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _maps import add_volume_option, map_record
+
+from cryo_forum.volumes import example_map_path
+
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_BATCH = 256
 TRAIN_BATCH = 64
@@ -59,6 +65,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="prediction image sizes (px)")
     parser.add_argument("--matmul", type=int, nargs="+", default=[2048, 4096], help="matmul sizes N for the peak")
     parser.add_argument("--match-particles", type=int, default=128, help="particles timed for projection matching")
+    add_volume_option(parser, example_map_path(), "the built-in example map")
+    parser.add_argument(
+        "--field-of-view",
+        type=float,
+        default=128.0,
+        metavar="A",
+        help="box edge of the matched particles in A (default %(default)g)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput")
     parser.add_argument("--quick", action="store_true", help="shrink everything to a smoke test")
     args = parser.parse_args(argv)
@@ -129,16 +143,16 @@ def prediction_throughput(image_size: int, batches: int, repeats: int) -> dict:
     return result
 
 
-def matching_throughput(image_size: int, n: int) -> dict:
+def matching_throughput(volume_path: Path, field_of_view: float, image_size: int, n: int) -> dict:
     """Seconds of projection matching's set-up and per particle, at ``image_size`` px, on ``n`` particles."""
     import tempfile
 
     from cryo_forum.io.particles import ParticleSet
     from cryo_forum.matching import MatchSettings, ParticleCTFs, ProjectionMatcher, shell_noise_power
     from cryo_forum.simulate import write_simulation
-    from cryo_forum.volumes import example_map_path, load_volume
+    from cryo_forum.volumes import load_volume
 
-    volume, pixel_size = load_volume(example_map_path(), pixel_size=2.0 * 64 / image_size, size=image_size)
+    volume, pixel_size = load_volume(volume_path, pixel_size=field_of_view / image_size, size=image_size)
     with tempfile.TemporaryDirectory() as folder:
         write_simulation(folder, volume, pixel_size, n=n, snr=0.1, ctf=True, seed=1)
         particles = ParticleSet.open(Path(folder) / "particles.star")
@@ -454,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     matching = {}
     for size in args.sizes:
         print(f"projection matching at {size} px ...", flush=True)
-        entry = matching_throughput(size, args.match_particles)
+        entry = matching_throughput(args.volume, args.field_of_view, size, args.match_particles)
         entry["speedup_of_prediction"] = prediction[str(size)]["tf_function"]["best"] / entry["particles_per_s"]
         matching[str(size)] = entry
     print("in-batch training ...", flush=True)
@@ -486,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "flops_per_image": flops,
         "prediction": prediction,
         "matching": matching,
+        "map": map_record(args.volume),
         "training": training,
         "efficiency": efficiency,
         "settings": {
@@ -493,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "predict_batches": args.predict_batches,
             "predict_batch_size": PREDICT_BATCH,
+            "match_field_of_view_angstrom": args.field_of_view,
             "quick": args.quick,
         },
         "command": "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -40,4 +40,4 @@ def test_demo_refuses_nonsense_and_an_existing_demo(tmp_path, capsys):
     out.mkdir()
     (out / "summary.json").write_text("{}")
     assert main(["demo", "--out", str(out)]) == 1
-    assert "already holds a demo" in capsys.readouterr().err
+    assert "folder is not empty" in capsys.readouterr().err

@@ -4,18 +4,22 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from cryo_forum import geometry
+from cryo_forum import geometry, matching, resources
 from cryo_forum.cli import main as cli
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.matching import (
     COVERING,
     LOCAL_HALF_WIDTH,
     MatchSettings,
+    ProjectionMatcher,
     global_grid,
     half_plane_frequencies,
+    match_memory,
     match_particles,
     particle_spectra,
+    require_match_memory,
 )
 from cryo_forum.projection import FourierProjector
 from cryo_forum.simulate import write_simulation
@@ -140,27 +144,160 @@ def test_match_with_symmetry_finds_poses_in_the_asymmetric_unit(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--coarse", "0"], "coarse must be positive"),
-        (["--max-shift", "-1"], "max_shift must be >= 0"),
-        (["--symmetry", "Q3"], "Q3"),
+        (["--coarse", "120"], "--coarse: must be in (0, 30] degrees"),  # was a ZeroDivisionError
+        (["--coarse", "0"], "--coarse: must be in (0, 30] degrees"),
+        (["--coarse", "nan"], "--coarse: must be in (0, 30] degrees"),
+        (["--refine", "10"], "--refine: must be from 0.01 to the coarse spacing, 7.5 degrees, got 10.0"),
+        (["--refine", "0"], "--refine:"),
+        (["--max-shift", "-1"], "--max-shift: must be >= 0 px, got -1.0"),
+        (["--max-shift", "20"], "--max-shift: 20 px reaches beyond half the particles' 32 px box"),
+        (["--max-shift", "2", "--shift-step", "3"], "--shift-step: must be at least 0.1 px and at most the largest"),
+        (["--shift-step", "0.001"], "--shift-step: must be at least 0.1 px, got 0.001"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+        (["--symmetry", "Q3"], "--symmetry:"),
     ],
 )
-def test_match_rejects_bad_settings(shifted_particles, capsys, options, message):
+def test_match_rejects_bad_settings_naming_the_option(shifted_particles, capsys, monkeypatch, options, message):
+    monkeypatch.setattr(matching, "match_particles", _must_not_run)
     sim = shifted_particles / "sim"
     out = shifted_particles / "bad.star"
     command = ["match", "--star", str(sim / "particles.star"), "--volume", str(sim / "volume.mrc"), "--out", str(out)]
     assert cli([*command, *options]) == 1
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_match_names_a_missing_map_and_refuses_to_overwrite_its_input(shifted_particles, capsys):
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the search ran")
+
+
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        (dict(coarse_deg=120.0), "coarse_deg"),
+        (dict(coarse_deg=-1.0), "coarse_deg"),
+        (dict(coarse_deg=float("inf")), "coarse_deg"),
+        (dict(refine_deg=8.0), "refine_deg"),
+        (dict(coarse_band=0.1), "coarse_band"),  # a coarse band below two cycles per box: no frequencies left
+        (dict(max_shift_px=float("nan")), "max_shift_px"),
+        (dict(max_shift_px=1.0, shift_step_px=2.0), "shift_step_px"),
+        (dict(shift_step_px=0.0), "shift_step_px"),
+        (dict(oversampling=0), "oversampling"),
+        (dict(oversampling=1.5), "oversampling"),
+        (dict(oversampling=9), "oversampling"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=2.5), "batch_size"),
+        (dict(symmetry="Q3"), "symmetry"),
+    ],
+)
+def test_match_settings_name_the_setting_out_of_range(settings, setting):
+    with pytest.raises(InvalidSetting) as caught:
+        MatchSettings(**settings).validate()
+    assert caught.value.setting == setting
+
+
+def test_match_settings_bounded_by_the_box():
+    MatchSettings(max_shift_px=15.0).validate()
+    with pytest.raises(InvalidSetting, match="half the particles' 32 px box") as caught:
+        MatchSettings(max_shift_px=16.0).validate(box_size=32)
+    assert caught.value.setting == "max_shift_px"
+    with pytest.raises(CryoForumError, match="at least 8 px"):
+        MatchSettings().validate(box_size=4)
+
+
+def test_the_coarsest_grid_still_matches(shifted_particles):
+    """30 degrees, the coarsest spacing allowed: a band of 3.8 cycles per box and 576 rotations still work."""
+    particles = ParticleSet.open(shifted_particles / "sim" / "particles.star").subset(np.arange(2))
+    volume, _ = load_volume(shifted_particles / "sim" / "volume.mrc")
+    table = match_particles(particles, volume, MatchSettings(coarse_deg=30.0, refine_deg=5.0), progress=False)
+    assert np.isfinite(table[star.MATCH_SCORE]).all()
+
+
+def test_match_memory_grows_with_the_box_and_the_batch():
+    settings = MatchSettings()
+    small, large = match_memory(64, settings), match_memory(256, settings)
+    assert 8 * (2 * 256) ** 3 < large and small < large  # at least the projector's padded spectrum
+    assert match_memory(256, MatchSettings(batch_size=256)) > large
+    assert match_memory(64, MatchSettings(coarse_deg=3.75)) > 8 * small  # 8 times the rotations, 4 times the band
+    assert match_memory(100_000, settings) > 6.4e16  # the spectrum alone: 64 000 TB
+
+
+def test_an_absurd_box_is_refused_before_anything_is_allocated():
+    volume = np.broadcast_to(np.float32(0.0), (100_000,) * 3)  # a 100 000^3 map that takes no memory
+    with pytest.raises(CryoForumError, match=r"matching 100000 px particles one at a time needs \d+ TB of memory"):
+        ProjectionMatcher(volume, MatchSettings())
+
+
+def test_a_batch_that_does_not_fit_names_the_batch_size_that_does(monkeypatch):
+    settings = MatchSettings(batch_size=64, max_shift_px=4.0)
+    fits = match_memory(128, MatchSettings(batch_size=16, max_shift_px=4.0))
+    monkeypatch.setattr(resources, "available_memory", lambda: fits)
+    with pytest.raises(InvalidSetting, match="use a batch size of at most 16") as caught:
+        require_match_memory(128, settings)
+    assert caught.value.setting == "batch_size" and "MB of memory; this machine has" in caught.value.message
+    require_match_memory(128, MatchSettings(batch_size=16, max_shift_px=4.0))
+    monkeypatch.setattr(resources, "available_memory", lambda: 1000)
+    with pytest.raises(CryoForumError, match=r"one at a time needs .* of memory; this machine has 1\.0 kB available"):
+        require_match_memory(128, settings)
+
+
+def test_match_refuses_a_run_that_cannot_fit_before_loading_the_map(shifted_particles, capsys, monkeypatch):
+    from cryo_forum import volumes
+
+    settings = MatchSettings(batch_size=4, max_shift_px=3.0)
+    monkeypatch.setattr(resources, "available_memory", lambda: match_memory(32, settings) + resources.map_bytes(32))
+    monkeypatch.setattr(volumes, "load_volume", _must_not_run)
+    sim = shifted_particles / "sim"
+    out = shifted_particles / "refused.star"
+    command = ["match", "--star", str(sim / "particles.star"), "--volume", str(sim / "volume.mrc"), "--out", str(out)]
+    assert cli([*command, "--max-shift", "3", "--batch-size", "512"]) == 1
+    error = capsys.readouterr().err
+    assert "--batch-size: matching 32 px particles 512 at a time needs" in error
+    assert "use a batch size of at most 4" in error and not out.exists()
+
+
+def test_searching_in_small_blocks_finds_the_same_poses(shifted_particles, monkeypatch):
+    """The coarse table, its scores and the local candidates are processed in blocks of CHUNK_VALUES values;
+    blocks of a few particles' candidates, or of a few candidates of one particle, change nothing."""
+    particles = ParticleSet.open(shifted_particles / "sim" / "particles.star").subset(np.arange(3))
+    volume, _ = load_volume(shifted_particles / "sim" / "volume.mrc")
+    settings = MatchSettings(coarse_deg=15.0, refine_deg=2.0, max_shift_px=2.0)
+    whole = match_particles(particles, volume, settings, progress=False)
+    frequencies = len(half_plane_frequencies(32, 16)[0])
+    for values in (2 * 125 * frequencies, 10 * frequencies):  # two particles at a time; ten candidates
+        monkeypatch.setattr(resources, "CHUNK_VALUES", values)
+        blocks = match_particles(particles, volume, settings, progress=False)
+        np.testing.assert_allclose(blocks.to_numpy(), whole.to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_match_logs_how_the_map_is_resampled(tmp_path, capsys):
+    volume, _ = load_volume(example_map_path(), pixel_size=3.0, size=32)
+    write_simulation(tmp_path / "sim", volume, 3.0, n=2, snr=10.0, seed=1)
+    out = tmp_path / "matched.star"
+    command = ["match", "--star", str(tmp_path / "sim" / "particles.star"), "--volume", str(example_map_path())]
+    assert cli([*command, "--out", str(out), "--coarse", "30", "--refine", "5"]) == 0
+    error = capsys.readouterr().err
+    assert f"{example_map_path()}: resampling the map from 48 px at 2.000 A/px to 32 px at 3.000 A/px" in error
+    assert out.exists()
+
+
+def test_match_names_a_missing_map_and_refuses_to_write_over_its_inputs(shifted_particles, capsys, monkeypatch):
+    monkeypatch.setattr(matching, "match_particles", _must_not_run)
     sim = shifted_particles / "sim"
     missing = shifted_particles / "nothing.mrc"
     assert cli(["match", "--star", str(sim / "particles.star"), "--volume", str(missing), "--out", "x.star"]) == 1
     assert str(missing) in capsys.readouterr().err
-    before = (sim / "particles.star").read_bytes()
     command = ["match", "--star", str(sim / "particles.star"), "--volume", str(sim / "volume.mrc")]
-    assert cli([*command, "--out", str(sim / "particles.star")]) == 1
-    assert "refusing to overwrite" in capsys.readouterr().err
-    assert (sim / "particles.star").read_bytes() == before
+    for target, what in (
+        ("particles.star", "input particle file"),
+        ("particles.mrcs", "image stack"),
+        ("volume.mrc", "reference map"),
+    ):
+        before = (sim / target).read_bytes()
+        assert cli([*command, "--out", str(sim / target)]) == 1
+        error = capsys.readouterr().err
+        assert what in error and "refusing to overwrite an input" in error
+        assert (sim / target).read_bytes() == before
+    assert cli([*command, "--out", str(sim / "particles.star" / "matched.star")]) == 1  # checked before the search
+    assert "is not a folder" in capsys.readouterr().err

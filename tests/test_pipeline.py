@@ -8,7 +8,7 @@ import pytest
 import starfile
 
 from cryo_forum import geometry, pipeline
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
@@ -182,12 +182,13 @@ def test_split_is_reproducible_disjoint_and_covering():
 
 @pytest.mark.parametrize(
     ("val", "test", "option"),
-    [(-0.1, 0.1, "val_fraction"), (0.1, float("nan"), "test_fraction"), (0.6, 0.4, "val_fraction \\+ test_fraction"),
-     (0.01, 0.1, "val_fraction 0.01 selects no"), (0.1, 0.02, "test_fraction 0.02 selects no")],
+    [(-0.1, 0.1, "val_fraction"), (0.1, float("nan"), "test_fraction"), (0.6, 0.4, "val_fraction"),
+     (0.01, 0.1, "val_fraction"), (0.1, 0.02, "test_fraction")],
 )  # fmt: skip
-def test_bad_fractions_name_the_option(val, test, option):
-    with pytest.raises(CryoForumError, match=option):
+def test_bad_fractions_name_the_setting(val, test, option):
+    with pytest.raises(InvalidSetting) as error:
         pipeline.split_indices(20, val, test, seed=0)
+    assert error.value.setting == option
 
 
 def test_split_file_round_trip_and_mismatches(particles, star_table, tmp_path):

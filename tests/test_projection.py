@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cryo_forum import geometry
+from cryo_forum import geometry, resources
+from cryo_forum.errors import InvalidSetting
 from cryo_forum.projection import FourierProjector, project
 from cryo_forum.tensorflow_quiet import tf
 
@@ -116,3 +117,42 @@ def test_quaternions_matrices_tf_function_and_tf_data_agree():
 def test_projector_rejects_non_cubic_volumes():
     with pytest.raises(ValueError, match="cubic"):
         FourierProjector(np.zeros((8, 8, 6)))
+
+
+@pytest.mark.parametrize(("size", "oversampling"), [(12, 2), (11, 2), (9, 3), (10, 1)])
+def test_padded_spectrum_is_the_centred_fft_of_the_corrected_padded_map(size, oversampling):
+    """Built plane by plane in single precision, it equals numpy's fftshift(fftn(ifftshift(box))) of the map
+    divided by the trilinear footprint, zero-padded about voxel D // 2, with the exact total at frequency zero."""
+    volume = random_blob_map(size, seed=7)
+    padded = size * oversampling
+    footprint = np.sinc((np.arange(size) - size // 2) / padded) ** 2
+    box = np.zeros((padded,) * 3)
+    start = padded // 2 - size // 2
+    box[start : start + size, start : start + size, start : start + size] = volume / np.einsum(
+        "i,j,k->ijk", footprint, footprint, footprint
+    )
+    expected = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(box)))
+    expected[padded // 2, padded // 2, padded // 2] = volume.sum()
+    spectrum = FourierProjector(volume, oversampling)._spectrum.numpy().reshape((padded,) * 3)
+    assert spectrum.dtype == np.complex64
+    np.testing.assert_allclose(spectrum, expected, atol=1e-6 * np.abs(expected).max())
+
+
+def test_a_projector_that_cannot_fit_is_refused_before_anything_is_allocated():
+    volume = np.broadcast_to(np.float32(0.0), (100_000,) * 3)  # a 100 000^3 map that takes no memory
+    with pytest.raises(InvalidSetting, match=r"a 100000 px map needs \d+ TB of memory for its projector") as caught:
+        FourierProjector(volume)
+    assert caught.value.setting == "size"
+
+
+def test_large_boxes_are_projected_a_few_images_per_call(monkeypatch):
+    volume = random_blob_map(16, seed=8)
+    projector = FourierProjector(volume)
+    quaternions = geometry.random_quaternions(7, rng=9)
+    whole = projector.project_numpy(quaternions)
+    calls = []
+    project_matrices = projector._project_matrices
+    monkeypatch.setattr(projector, "_project_matrices", lambda m: calls.append(len(m)) or project_matrices(m))
+    monkeypatch.setattr(resources, "PROJECTION_POINTS", 3 * 16 * 9)  # three 16 px images' half spectra
+    np.testing.assert_allclose(projector.project_numpy(quaternions), whole, atol=1e-6 * np.abs(whole).max())
+    assert calls == [3, 3, 1]

@@ -1,17 +1,20 @@
 """Simulated particles: CTF, SNR, shifts, outliers, symmetry, reproducibility, files and the CLI."""
 
+import dataclasses
+import re
+
 import mrcfile
 import numpy as np
 import pytest
 import starfile
 
-from cryo_forum import cli, geometry
+from cryo_forum import cli, geometry, resources, simulate
 from cryo_forum.ctf import compute_ctf
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
 from cryo_forum.projection import project
-from cryo_forum.simulate import OUTLIER_KINDS, simulate_particles, write_simulation
+from cryo_forum.simulate import OUTLIER_KINDS, SimulationSettings, simulate_particles, write_simulation
 from cryo_forum.volumes import example_map_path, example_model_path, load_volume
 
 SIZE = 32
@@ -201,6 +204,7 @@ def test_cli_model_input_gives_the_same_map_as_the_shipped_example(tmp_path):
         (["--snr", "0"], "--snr"),
         (["--outliers", "1.5"], "--outliers"),
         (["--outliers", "-0.1"], "--outliers"),
+        (["--max-shift", "-1"], "--max-shift"),  # the field is shift_px
         (["--symmetry", "X7"], "--symmetry"),
         (["--apix", "0"], "--apix"),
         (["--defocus-range", "20000", "10000"], "--defocus-range"),
@@ -215,4 +219,82 @@ def test_cli_bad_options_fail_with_one_line_and_write_nothing(tmp_path, capsys, 
     assert cli.main([*argv, "--out", str(tmp_path / "sim")]) == 1
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and named in error
+    assert not re.search(r"\b[a-z]+_[a-z_]+:", error)  # options, not the settings' field names (shift_px: ...)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--box-size", "100000"], r"--box-size: a 100000 px box needs \d+ TB of memory for the projector"),
+        (["--n", "1000000000000"], r"--n: 1000000000000 particles of 32 px need \d+ TB on disk; .* free"),
+        (
+            ["--box-size", "1000", "--n", "10", "--outliers", "0.5"],
+            r"--box-size: a 1000 px box needs \d+ GB of memory for the projectors of the map and its 4 outlier maps",
+        ),
+    ],
+)
+def test_cli_refuses_absurd_requests_up_front_with_their_cost(tmp_path, capsys, monkeypatch, change, message):
+    from cryo_forum import volumes
+
+    monkeypatch.setattr(volumes, "load_volume", _must_not_run)  # refused before the map is resampled into the box
+    monkeypatch.setattr(resources, "available_memory", lambda: 16 * 10**9)
+    options = {"--volume": [str(example_map_path())], "--n": ["4"], "--box-size": ["32"]}
+    for key, value in zip(change[::2], change[1::2], strict=True):
+        options[key] = [value]
+    argv = ["simulate", *[part for key, values in options.items() for part in (key, *values)]]
+    assert cli.main([*argv, "--out", str(tmp_path / "sim")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and re.search(message, error), error
+    assert "this machine has 16 GB available" in error or "on disk" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the map was loaded")
+
+
+def test_library_functions_refuse_what_cannot_fit(volume, tmp_path, monkeypatch):
+    huge = np.broadcast_to(np.float32(0.0), (100_000,) * 3)  # a map that takes no memory
+    with pytest.raises(InvalidSetting, match="TB of memory") as caught:
+        simulate_particles(huge, PIXEL_SIZE, 2)
+    assert caught.value.setting == "size"
+    with pytest.raises(InvalidSetting, match="TB of memory") as caught:
+        write_simulation(tmp_path / "big", volume, PIXEL_SIZE, 2, size=100_000)
+    assert caught.value.setting == "size"
+    with pytest.raises(InvalidSetting, match="TB on disk") as caught:
+        write_simulation(tmp_path / "many", volume, PIXEL_SIZE, 10**12)
+    assert caught.value.setting == "n"
+    images = resources.stack_bytes(10**6, SIZE)  # 4 GB of images in memory, against 1 GB available
+    monkeypatch.setattr(resources, "available_memory", lambda: 10**9)
+    with pytest.raises(InvalidSetting, match="simulating 1000000 particles of 32 px in memory needs") as caught:
+        simulate_particles(volume, PIXEL_SIZE, 10**6)
+    assert caught.value.setting == "n" and images > 10**9
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_large_boxes_are_rendered_a_few_images_at_a_time(volume, tmp_path, monkeypatch):
+    calls = []
+    render = simulate.ParticleRenderer.render
+    monkeypatch.setattr(
+        simulate.ParticleRenderer, "render", lambda self, index: calls.append(len(index)) or render(self, index)
+    )
+    monkeypatch.setattr(resources, "CHUNK_VALUES", 3 * SIZE**2)  # as if the box were large: 3 images per chunk
+    options = dict(snr=1.0, outlier_fraction=0.3, seed=9)
+    write_simulation(tmp_path / "sim", volume, PIXEL_SIZE, 10, chunk_size=256, **options)
+    assert calls == [3, 3, 3, 1]
+    monkeypatch.undo()
+    reference = simulate_particles(volume, PIXEL_SIZE, 10, **options).images
+    with mrcfile.open(tmp_path / "sim" / "particles.mrcs") as mrc:
+        np.testing.assert_allclose(mrc.data, reference, atol=1e-5 * np.abs(reference).max())
+
+
+def test_every_option_states_its_default_and_the_settings_keep_their_names():
+    parser = cli.build_parser()
+    command = next(action for action in parser._actions if action.dest == "command").choices["simulate"]
+    for action in command._actions:
+        if action.option_strings and action.dest != "help":
+            stated = "(required)" if action.required else "default"
+            assert stated in action.help, action.option_strings
+    fields = {field.name for field in dataclasses.fields(SimulationSettings)}
+    assert {"n", "snr", "ctf", "defocus_range", "shift_px", "outlier_fraction", "outlier_kinds", "seed"} <= fields

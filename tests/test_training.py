@@ -83,7 +83,7 @@ def test_predict_keeps_every_column_and_adds_angles_and_uncertainty(trained_run,
 def test_predict_refuses_to_write_over_its_input(trained_run, particles, capsys):
     before = particles.read_bytes()
     assert main(["predict", "--model", str(trained_run), "--star", str(particles), "--out", str(particles)]) == 1
-    assert "refusing to write over it" in capsys.readouterr().err
+    assert "refusing to overwrite an input" in capsys.readouterr().err
     assert particles.read_bytes() == before
 
 

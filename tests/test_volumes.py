@@ -1,11 +1,13 @@
 """Loading maps and atomic models: resampling, centring, boxing, orientation and errors."""
 
+import logging
+
 import gemmi
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io.mrc import read_volume, write_volume
 from cryo_forum.volumes import center_of_mass, example_map_path, example_model_path, load_volume
 
@@ -123,3 +125,39 @@ def test_map_without_pixel_size_needs_one(tmp_path):
         load_volume(tmp_path / "map.mrc")
     volume, pixel_size = load_volume(tmp_path / "map.mrc", pixel_size=3.0, size=6)
     assert pixel_size == 3.0 and volume.shape == (6, 6, 6)
+
+
+def test_an_absurd_box_is_refused_before_the_map_is_resampled_into_it(tmp_path):
+    write_volume(tmp_path / "map.mrc", np.ones((4, 4, 4), np.float32), 2.0)
+    with pytest.raises(InvalidSetting, match=r"a 100000 px box needs \d+ TB of memory") as caught:
+        load_volume(tmp_path / "map.mrc", size=100_000)
+    assert caught.value.setting == "size"
+    with pytest.raises(InvalidSetting, match=r"a 50000 px box needs \d+ TB of memory") as caught:
+        load_volume(example_model_path(), pixel_size=1.0, size=50_000)
+    assert caught.value.setting == "size"
+    for options, setting in ((dict(size=0), "size"), (dict(size=7.5), "size"), (dict(pixel_size=-1.0), "pixel_size")):
+        with pytest.raises(InvalidSetting) as caught:
+            load_volume(tmp_path / "map.mrc", **options)
+        assert caught.value.setting == setting
+
+
+def test_resampling_is_logged_in_one_line(tmp_path):
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("cryo_forum")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    write_volume(tmp_path / "map.mrc", gaussian((10, 12, 14), (5, 6, 7), 1.5).astype(np.float32), 2.0)
+    try:
+        load_volume(example_map_path(), pixel_size=3.0, size=32)
+        load_volume(tmp_path / "map.mrc", size=16)
+        load_volume(example_map_path())  # its own box and pixel size: nothing to say
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert messages == [
+        f"{example_map_path()}: resampling the map from 48 px at 2.000 A/px to 32 px at 3.000 A/px",
+        f"{tmp_path / 'map.mrc'}: resampling the map from 14 x 12 x 10 px at 2.000 A/px to 16 px at 2.000 A/px",
+    ]

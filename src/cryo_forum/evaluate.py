@@ -255,7 +255,7 @@ def _quaternions(particles: ParticleSet, rows: np.ndarray) -> np.ndarray:
     """Quaternions [M, 4] of the poses of particles ``rows``; CryoForumError naming the file if absent or not finite."""
     if not particles.has_poses:
         raise CryoForumError(f"{particles.source}: no poses ({', '.join(star.ANGLES)})")
-    angles = particles.table[list(star.ANGLES)].to_numpy(dtype=np.float64)[rows]
+    angles = particles.numbers(star.ANGLES)[rows]
     bad = ~np.isfinite(angles).all(axis=1)
     if bad.any():
         name = particles.table[star.IMAGE_NAME].iloc[int(rows[np.flatnonzero(bad)[0]])]

@@ -17,13 +17,16 @@ so thousands of references are scored per particle in a few milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
-from cryo_forum import geometry
+from cryo_forum import geometry, resources
 from cryo_forum.ctf import compute_ctf
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.progress import progress as progress_bar
@@ -33,6 +36,12 @@ from cryo_forum.tensorflow_quiet import tf
 NOISE_SAMPLE = 2000  # particles whose mean power spectrum estimates the noise per shell
 LOCAL_HALF_WIDTH = 2  # local grids of (2 * 2 + 1)^3 = 125 rotations
 COVERING = 0.87  # covering radius of a cubic grid of rotation vectors, per unit step (sqrt(3) / 2)
+MAX_COARSE_DEG = 30.0  # the coarsest global grid: 576 rotations
+MIN_REFINE_DEG = 0.01
+MIN_SHIFT_STEP_PX = 0.1  # the local stages halve it anyway
+MIN_COARSE_RADIUS = 2.0  # cycles per box: the coarse band must hold a few frequencies
+MAX_OVERSAMPLING = 4
+MIN_BOX = 8
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class MatchSettings:
     sample by less than about two samples); the local stages use everything below Nyquist. ``oversampling`` is
     the projector's (see :class:`cryo_forum.projection.FourierProjector`). With a point group other than C1 as
     ``symmetry`` the global grid keeps only the rotations in and near the asymmetric unit (:func:`global_grid`):
-    about |G| times fewer references.
+    about |G| times fewer references. :meth:`validate` states the ranges.
     """
 
     coarse_deg: float = 7.5
@@ -61,17 +70,63 @@ class MatchSettings:
     batch_size: int = 32
     symmetry: str = "C1"
 
-    def validate(self) -> None:
-        """ValueError naming the setting that is out of range."""
-        for name in ("coarse_deg", "refine_deg", "shift_step_px", "coarse_band"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.max_shift_px >= 0:
-            raise ValueError(f"max_shift_px must be >= 0, got {self.max_shift_px}")
-        geometry.normalise_symmetry_name(self.symmetry)
-        if self.batch_size < 1 or self.oversampling < 1:
-            raise ValueError(
-                f"batch_size and oversampling must be positive, got {self.batch_size}, {self.oversampling}"
+    def validate(self, box_size: int | None = None) -> None:
+        """Raise :class:`~cryo_forum.errors.InvalidSetting` naming the first setting out of range.
+
+        The global grid needs at least a few hundred rotations (``coarse_deg`` at most 30) and a coarse band of at
+        least two cycles per box; the local stages refine to ``refine_deg`` between 0.01 degrees and the coarse
+        spacing; a searched origin grid has steps of at least 0.1 px, no larger than the largest shift. With the
+        particles' ``box_size``, shifts must also stay within half the box.
+        """
+        self._validate_angles()
+        self._validate_shifts()
+        if not (_whole(self.oversampling) and 1 <= self.oversampling <= MAX_OVERSAMPLING):
+            message = f"must be an integer from 1 to {MAX_OVERSAMPLING}, got {self.oversampling}"
+            raise InvalidSetting("oversampling", message)
+        if not (_whole(self.batch_size) and self.batch_size >= 1):
+            raise InvalidSetting("batch_size", f"must be a positive integer, got {self.batch_size}")
+        try:
+            geometry.normalise_symmetry_name(self.symmetry)
+        except ValueError as error:
+            raise InvalidSetting("symmetry", str(error)) from None
+        if box_size is not None:
+            self._validate_box(int(box_size))
+
+    def _validate_angles(self) -> None:
+        coarse, refine = self.coarse_deg, self.refine_deg
+        if not (_finite(coarse) and 0 < coarse <= MAX_COARSE_DEG):
+            rotations = geometry.grid_size_for_spacing(MAX_COARSE_DEG)
+            raise InvalidSetting(
+                "coarse_deg",
+                f"must be in (0, {MAX_COARSE_DEG:g}] degrees (a global grid of at least {rotations} rotations), "
+                f"got {coarse}",
+            )
+        if not (_finite(refine) and MIN_REFINE_DEG <= refine <= coarse):
+            raise InvalidSetting(
+                "refine_deg", f"must be from {MIN_REFINE_DEG:g} to the coarse spacing, {coarse:g} degrees, got {refine}"
+            )
+        lowest = MIN_COARSE_RADIUS * math.radians(coarse)
+        if not (_finite(self.coarse_band) and self.coarse_band >= lowest):
+            raise InvalidSetting(
+                "coarse_band",
+                f"must be at least {lowest:.3g} at a {coarse:g} degree grid (a band of {MIN_COARSE_RADIUS:g} cycles "
+                f"per box), got {self.coarse_band}",
+            )
+
+    def _validate_shifts(self) -> None:
+        shift, step = self.max_shift_px, self.shift_step_px
+        if not (_finite(shift) and shift >= 0):
+            raise InvalidSetting("max_shift_px", f"must be >= 0 px, got {shift}")
+        if not (_finite(step) and step >= MIN_SHIFT_STEP_PX and (shift == 0 or step <= shift)):
+            most = f" and at most the largest shift searched, {shift:g} px" if shift > 0 else ""
+            raise InvalidSetting("shift_step_px", f"must be at least {MIN_SHIFT_STEP_PX:g} px{most}, got {step}")
+
+    def _validate_box(self, box_size: int) -> None:
+        if box_size < MIN_BOX:
+            raise CryoForumError(f"matching needs particles of at least {MIN_BOX} px, got {box_size} px")
+        if not self.max_shift_px < box_size / 2:
+            raise InvalidSetting(
+                "max_shift_px", f"{self.max_shift_px:g} px reaches beyond half the particles' {box_size} px box"
             )
 
     def local_steps(self) -> list[float]:
@@ -80,6 +135,14 @@ class MatchSettings:
         while steps[-1] > self.refine_deg:
             steps.append(COVERING * steps[-1] / LOCAL_HALF_WIDTH)
         return steps
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+
+
+def _whole(value) -> bool:
+    return _finite(value) and int(value) == value
 
 
 def half_plane_frequencies(size: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,8 +182,8 @@ def shell_noise_power(particles: ParticleSet, sample: int = NOISE_SAMPLE) -> np.
     inside = shells <= size // 2
     total = np.zeros(size // 2 + 1)
     counts = np.bincount(shells[inside], minlength=size // 2 + 1) * len(chosen)
-    for start in range(0, len(chosen), 256):
-        power = np.abs(particle_spectra(particles.images(chosen[start : start + 256]))) ** 2
+    for rows in _blocks(len(chosen), resources.chunk_of(256, size**2)):
+        power = np.abs(particle_spectra(particles.images(chosen[rows]))) ** 2
         total += np.bincount(shells[inside], weights=power[:, inside].sum(axis=0), minlength=size // 2 + 1)
     power = total / np.maximum(counts, 1)
     return np.maximum(power, power[power > 0].min() if (power > 0).any() else 1.0)
@@ -161,7 +224,18 @@ def _local_scores(slices, weighted, ctf_power):
 def _real_imag(values) -> np.ndarray:
     """Complex [..., K] -> float32 [..., 2K] (real parts, then imaginary parts): Re(conj(a) b) becomes a dot product."""
     values = np.asarray(values)
-    return np.concatenate([values.real, values.imag], axis=-1).astype(np.float32)
+    return np.concatenate([values.real, values.imag], axis=-1).astype(np.float32, copy=False)
+
+
+def _blocks(total: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` covering range(total)."""
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _shift_count(radius: float, step: float) -> int:
+    """At least the number of offsets :func:`_shift_grid` gives, without building them."""
+    ticks = math.floor(radius / step + 1e-9)
+    return min((2 * ticks + 1) ** 2, math.ceil(math.pi * (ticks + 1) ** 2))
 
 
 def _shift_grid(radius: float, step: float) -> np.ndarray:
@@ -190,6 +264,51 @@ def global_grid(spacing_deg: float, symmetry: str = "C1") -> np.ndarray:
     return grid[identity <= nearest + 2.0 * COVERING * np.radians(spacing_deg)]
 
 
+def match_memory(size: int, settings: MatchSettings) -> int:
+    """Estimated peak bytes of matching ``size`` px particles with ``settings`` (the map itself not counted).
+
+    From the box, the batch size and the sizes of the global grid, its band and the origin grid (see
+    :func:`cryo_forum.resources.match_bytes`); nothing is built.
+    """
+    group = len(geometry.symmetry_matrices(settings.symmetry))
+    full = geometry.grid_size_for_spacing(settings.coarse_deg)
+    rotations = full if group == 1 else min(full, 2 * full // group + 1)  # the asymmetric unit and its border
+    radius = min(settings.coarse_band / math.radians(settings.coarse_deg), size / 2.0)
+    return resources.match_bytes(
+        size,
+        settings.batch_size,
+        rotations,
+        coarse_frequencies=math.ceil(math.pi * radius**2 / 2 + radius),
+        coarse_shifts=_shift_count(settings.max_shift_px, settings.shift_step_px),
+        local_shifts=9 if settings.max_shift_px > 0 else 1,
+        oversampling=settings.oversampling,
+        grid_bytes=full * (32 + (40 * group if group > 1 else 0)),  # the grid, and its symmetry mates
+    )
+
+
+def require_match_memory(size: int, settings: MatchSettings, extra: int = 0) -> None:
+    """Refuse a search that would not fit in the available memory (with ``extra`` bytes more, e.g. for the map).
+
+    Raises :class:`~cryo_forum.errors.InvalidSetting` ``batch_size`` naming the largest batch size that fits, or
+    :class:`~cryo_forum.errors.CryoForumError` when not even one particle at a time does.
+    """
+
+    def shortfall(batch_size: int) -> str | None:
+        return resources.memory_shortfall(match_memory(size, replace(settings, batch_size=batch_size)) + extra)
+
+    if shortfall(settings.batch_size) is None:
+        return
+    if shortfall(1) is not None:
+        raise CryoForumError(f"matching {size} px particles one at a time {shortfall(1)}")
+    largest = bisect.bisect_left(range(1, settings.batch_size), True, key=lambda b: shortfall(b) is not None)
+    resources.require_memory(
+        "batch_size",
+        match_memory(size, settings) + extra,
+        f"matching {size} px particles {settings.batch_size} at a time",
+        advice=f"use a batch size of at most {largest}",
+    )
+
+
 class ProjectionMatcher:
     """Global-then-local pose search of particles against one map at the particles' box and pixel size.
 
@@ -198,20 +317,23 @@ class ProjectionMatcher:
     """
 
     def __init__(self, volume: np.ndarray, settings: MatchSettings = MatchSettings(), noise_power=None):
-        settings.validate()
-        self.settings = settings
         self.size = int(volume.shape[0])
+        settings.validate(self.size)
+        require_match_memory(self.size, settings)
+        self.settings = settings
         self.projector = FourierProjector(volume, settings.oversampling)
         noise = np.ones(self.size // 2 + 1) if noise_power is None else np.asarray(noise_power, dtype=np.float64)
         self.coarse = _Band(self.size, settings.coarse_band / np.radians(settings.coarse_deg), noise)
         self.fine = _Band(self.size, self.size / 2.0, noise)
         self.grid = global_grid(settings.coarse_deg, settings.symmetry)
-        self._references, self._reference_power = self._coarse_references()
+        self._coarse_shifts = _shift_grid(settings.max_shift_px, settings.shift_step_px)
+        self._references = self._coarse_references()
 
-    def _slices(self, quaternions: np.ndarray, band: _Band) -> np.ndarray:
-        """Central slices of the map [N, K] (complex64) at poses [N, 4] on ``band``, in chunks of bounded memory."""
+    def _slices(self, quaternions: np.ndarray, band: _Band, chunk: int | None = None) -> np.ndarray:
+        """Central slices of the map [N, K] (complex64) at poses [N, 4] on ``band``, ``chunk`` poses per call
+        (default: CHUNK_VALUES values); the last call is padded, so each band and chunk compiles once."""
         matrices = geometry.quaternion_to_matrix(quaternions).astype(np.float32)
-        chunk = min(len(matrices), max(1, 4_000_000 // len(band.frequencies)))
+        chunk = chunk or resources.chunk_of(len(matrices), len(band.frequencies))
         padded = np.concatenate(
             [matrices, np.broadcast_to(np.eye(3, dtype=np.float32), (-len(matrices) % chunk, 3, 3))]
         )
@@ -221,10 +343,19 @@ class ProjectionMatcher:
         ]
         return np.concatenate(parts)[: len(matrices)]
 
-    def _coarse_references(self) -> tuple[tf.Tensor, tf.Tensor]:
-        slices = self._slices(self.grid, self.coarse)
-        power = (np.abs(slices) ** 2).astype(np.float32)
-        return tf.constant(_real_imag(slices)), tf.constant(power)
+    def _coarse_references(self) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """The global grid's slices on the coarse band as (real | imag [r, 2K], power [r, K]) float32 blocks.
+
+        A block holds at most CHUNK_VALUES values and gives at most CHUNK_VALUES scores for a batch, so neither
+        the table's construction nor a batch's coarse scores need more than a block's memory beyond the table.
+        """
+        values = max(2 * len(self.coarse.flat), self.settings.batch_size * len(self._coarse_shifts))
+        rows = resources.chunk_of(len(self.grid), values)
+        table = []
+        for block in _blocks(len(self.grid), rows):
+            slices = self._slices(self.grid[block], self.coarse, chunk=rows)
+            table.append((tf.constant(_real_imag(slices)), tf.constant((np.abs(slices) ** 2).astype(np.float32))))
+        return table
 
     def _weighted(self, band: _Band, spectra: np.ndarray, ctf: np.ndarray, origins: np.ndarray) -> np.ndarray:
         """w C X exp(-2 pi i k.o / D) for particles [B] and trial origins [B, T, 2] -> float32 [B, T, 2K]."""
@@ -236,35 +367,65 @@ class ProjectionMatcher:
 
         Returns quaternions [B, 4], origins [B, 2] (px) and normalised cross-correlation scores [B].
         """
-        settings = self.settings
         spectra = particle_spectra(images)
         ctf = np.asarray(ctf, dtype=np.float64).reshape(len(images), -1)
-        trials = origins[:, None, :] + _shift_grid(settings.max_shift_px, settings.shift_step_px)[None]
-        scores = _coarse_scores(
-            self._references,
-            self._reference_power,
-            self._weighted(self.coarse, spectra, ctf, trials),
-            (self.coarse.weights * ctf[:, self.coarse.flat] ** 2).astype(np.float32),
-        ).numpy()
-        best = np.argmax(np.moveaxis(scores, 1, 0).reshape(len(images), -1), axis=1)
-        reference, shift = np.unravel_index(best, scores.shape[::2])
-        rows = np.arange(len(images))
-        quaternions, origins, score = self.grid[reference], trials[rows, shift], scores[reference, rows, shift]
-        ctf_power = (self.fine.weights * ctf[:, self.fine.flat] ** 2).astype(np.float32)
-        for stage, step in enumerate(settings.local_steps()):
-            offsets = geometry.local_rotation_offsets(step, LOCAL_HALF_WIDTH)
-            candidates = geometry.quaternion_multiply(offsets[None], quaternions[:, None])  # [B, C, 4]
-            slices = self._slices(candidates.reshape(-1, 4), self.fine).reshape(len(images), len(offsets), -1)
-            shift_step = settings.shift_step_px / 2 ** (stage + 1)
-            trials = origins[:, None, :] + _shift_grid(shift_step if settings.max_shift_px > 0 else 0.0, shift_step)
-            scores = _local_scores(
-                _real_imag(slices), self._weighted(self.fine, spectra, ctf, trials), ctf_power
-            ).numpy()  # [B, C, T]
-            best = np.argmax(scores.reshape(len(images), -1), axis=1)
-            candidate, shift = np.unravel_index(best, scores.shape[1:])
-            quaternions = geometry.canonical_quaternion(candidates[rows, candidate])
-            origins, score = trials[rows, shift], scores[rows, candidate, shift]
+        quaternions, origins, score = self._coarse_search(spectra, ctf, origins)
+        for stage, step in enumerate(self.settings.local_steps()):
+            quaternions, origins, score = self._local_search(spectra, ctf, quaternions, origins, stage, step)
         return quaternions, origins, score
+
+    def _coarse_search(self, spectra: np.ndarray, ctf: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Best global-grid rotation and origin of each particle, scored one block of references at a time."""
+        rows = np.arange(len(spectra))
+        trials = origins[:, None, :] + self._coarse_shifts[None]  # [B, T, 2]
+        weighted = self._weighted(self.coarse, spectra, ctf, trials)
+        ctf_power = (self.coarse.weights * ctf[:, self.coarse.flat] ** 2).astype(np.float32)
+        best = np.full(len(spectra), -np.inf)
+        reference, shift = np.zeros(len(spectra), dtype=np.int64), np.zeros(len(spectra), dtype=np.int64)
+        first = 0
+        for references, power in self._references:
+            scores = _coarse_scores(references, power, weighted, ctf_power).numpy()  # [r, B, T]
+            flat = np.moveaxis(scores, 1, 0).reshape(len(spectra), -1)
+            top = np.argmax(flat, axis=1)
+            better = flat[rows, top] > best  # strictly: ties keep the earlier reference, as one argmax would
+            block_reference, block_shift = np.unravel_index(top, scores.shape[::2])
+            best[better] = flat[rows, top][better]
+            reference[better], shift[better] = first + block_reference[better], block_shift[better]
+            first += len(scores)
+        return self.grid[reference], trials[rows, shift], best
+
+    def _local_search(self, spectra, ctf, quaternions, origins, stage: int, step: float) -> tuple[np.ndarray, ...]:
+        """One local stage: the best of the 125 rotations around each pose and of the 3 x 3 origins around its origin.
+
+        The candidates' slices (B x 125 x K values) are formed and scored a bounded block at a time: a few
+        particles with all their candidates for small boxes, some candidates of one particle for large ones.
+        """
+        settings = self.settings
+        offsets = geometry.local_rotation_offsets(step, LOCAL_HALF_WIDTH)
+        candidates = geometry.quaternion_multiply(offsets[None], quaternions[:, None])  # [B, C, 4]
+        shift_step = settings.shift_step_px / 2 ** (stage + 1)
+        trials = origins[:, None, :] + _shift_grid(shift_step if settings.max_shift_px > 0 else 0.0, shift_step)
+        frequencies = len(self.fine.flat)
+        per_call = resources.chunk_of(len(offsets), frequencies)  # candidates of one particle per block
+        full = per_call == len(offsets)  # a block of several particles, sized by the batch size: one XLA shape
+        particles = resources.chunk_of(settings.batch_size, len(offsets) * frequencies) if full else 1
+        scores = np.empty((len(spectra), len(offsets), trials.shape[1]), dtype=np.float32)
+        for group in _blocks(len(spectra), particles):
+            weighted = self._weighted(self.fine, spectra[group], ctf[group], trials[group])
+            ctf_power = (self.fine.weights * ctf[group][:, self.fine.flat] ** 2).astype(np.float32)
+            for block in _blocks(len(offsets), per_call):
+                poses = candidates[group, block]
+                slices = self._slices(poses.reshape(-1, 4), self.fine, chunk=particles * per_call)
+                scores[group, block] = _local_scores(
+                    _real_imag(slices.reshape(*poses.shape[:2], -1)), weighted, ctf_power
+                ).numpy()
+        rows = np.arange(len(spectra))
+        candidate, shift = np.unravel_index(np.argmax(scores.reshape(len(spectra), -1), axis=1), scores.shape[1:])
+        return (
+            geometry.canonical_quaternion(candidates[rows, candidate]),
+            trials[rows, shift],
+            scores[rows, candidate, shift],
+        )
 
 
 class ParticleCTFs:

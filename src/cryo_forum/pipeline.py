@@ -33,7 +33,7 @@ import numpy as np
 
 from cryo_forum import geometry
 from cryo_forum.choices import AUGMENT_METHODS
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.fourier import rotate_images, translate_images
 from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_output, refuse_overwriting_inputs
@@ -88,13 +88,13 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int =
     sizes = {}
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not (np.isfinite(fraction) and fraction >= 0):
-            raise CryoForumError(f"{name} must be a fraction >= 0, got {fraction}")
+            raise InvalidSetting(name, f"must be a fraction >= 0, got {fraction}")
         sizes[name] = round(fraction * n)
         if fraction > 0 and sizes[name] == 0:
-            raise CryoForumError(f"{name} {fraction} selects no particle of {n}; raise it or set it to 0")
+            raise InvalidSetting(name, f"{fraction} selects no particle of {n}; raise it or set it to 0")
     if val_fraction + test_fraction >= 1 or sizes["val_fraction"] + sizes["test_fraction"] >= n:
-        raise CryoForumError(
-            f"val_fraction + test_fraction ({val_fraction} + {test_fraction}) leaves no training particle of {n}"
+        raise InvalidSetting(
+            "val_fraction", f"plus test_fraction ({val_fraction} + {test_fraction}) leaves no training particle of {n}"
         )
     order = np.random.default_rng(_check_seed(seed)).permutation(n)
     n_val, n_test = sizes["val_fraction"], sizes["test_fraction"]

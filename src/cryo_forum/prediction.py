@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cryo_forum import uncertainty
+from cryo_forum.errors import CryoForumError
 from cryo_forum.geometry import quaternion_to_euler
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
@@ -29,6 +30,11 @@ def preprocessor_for(particles: ParticleSet, trained: Preprocessor) -> Preproces
 
     Warns on stderr when the resulting pixel size differs from the training one by more than 2 %.
     """
+    if particles.box_size < trained.image_size:
+        raise CryoForumError(
+            f"{particles.source}: particles of {particles.box_size} px are smaller than the model's "
+            f"{trained.image_size} px input; use a model trained at {particles.box_size} px or less"
+        )
     values = trained.to_dict()
     values.update(pixel_size_in=particles.pixel_size, input_size=particles.box_size)
     adapted = Preprocessor.from_dict(values)

@@ -16,16 +16,55 @@ index ``D // 2``; poses are RELION matrices A or their quaternions ``[x, y, z, w
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 
-from cryo_forum import geometry
+from cryo_forum import geometry, resources
 from cryo_forum.tensorflow_quiet import tf
 
 
 def _gridding_correction(size: int, padded: int) -> np.ndarray:
-    """1 / (sinc^2 footprint of trilinear interpolation) on the unpadded box [size, size, size]."""
+    """1 / (sinc^2 footprint of trilinear interpolation) along one axis of the unpadded box [size] (float32)."""
     offsets = (np.arange(size) - size // 2) / padded
-    footprint = np.sinc(offsets) ** 2
-    return 1.0 / (footprint[:, None, None] * footprint[None, :, None] * footprint[None, None, :])
+    return (1.0 / np.sinc(offsets) ** 2).astype(np.float32)
+
+
+def _padded_spectrum(volume: np.ndarray, padded: int) -> tf.Variable:
+    """The centred spectrum ``fftshift(fftn(ifftshift(box)))`` of the gridding-corrected map zero-padded to
+    ``padded``^3 (map voxel D // 2 at box voxel padded // 2), as a flat complex64 variable [padded^3].
+
+    Built without the padded box or any complex128 copy: the map's transform along z first (a padded x D x D
+    slab, zero-padding done by placing the voxels where ifftshift would), then a few planes at a time their 2-D
+    transforms, written in place into the variable (a TensorFlow constant made from a NumPy array would need two
+    more copies). The zero-frequency term is set to the map's exact total.
+    """
+    size = volume.shape[0]
+    correction = _gridding_correction(size, padded)
+    rolled = (np.arange(size) - size // 2) % padded  # where ifftshift of the padded box puts each voxel
+    slab = np.zeros((padded, size, size), dtype=np.complex64)
+    slab[rolled] = np.asarray(volume, dtype=np.float32) * correction[:, None, None]
+    slab *= correction[None, :, None] * correction[None, None, :]
+    slab = scipy.fft.fft(slab, axis=0, overwrite_x=True)
+    spectrum = tf.Variable(tf.zeros([0], tf.complex64), shape=tf.TensorShape([None]), trainable=False)
+    spectrum.assign(tf.zeros([padded**3], tf.complex64))
+    plane = padded * padded
+    step = resources.chunk_of(padded, plane)
+    for start in range(0, padded, step):
+        rows = np.arange(start, min(start + step, padded))
+        planes = np.zeros((len(rows), padded, padded), dtype=np.complex64)
+        planes[:, rolled[:, None], rolled[None, :]] = slab[(rows - padded // 2) % padded]  # fftshift along z
+        planes = np.fft.fftshift(scipy.fft.fft2(planes, overwrite_x=True), axes=(1, 2))
+        if start <= padded // 2 < start + len(rows):
+            planes[padded // 2 - start, padded // 2, padded // 2] = np.sum(volume, dtype=np.float64)
+        # The raw op writes into the variable's buffer; slicing the variable (spectrum[a:b].assign) would read
+        # it first and so copy all of it.
+        tf.raw_ops.ResourceStridedSliceAssign(
+            ref=spectrum.handle,
+            begin=[start * plane],
+            end=[rows[-1] * plane + plane],
+            strides=[1],
+            value=planes.ravel(),
+        )
+    return spectrum
 
 
 class FourierProjector:
@@ -33,11 +72,13 @@ class FourierProjector:
 
     ``oversampling`` (an integer >= 1) zero-pads the map to ``oversampling * D`` before its 3-D FFT; 2 keeps the
     interpolation error of trilinear lookup well below 1 % of the signal. The padded spectrum is held as a
-    complex64 constant of ``(oversampling * D)^3`` values (16 MB for D = 64 at oversampling 2).
+    complex64 variable of ``(oversampling * D)^3`` values (16 MB for D = 64 at oversampling 2, 1.1 GB for D = 256),
+    never written after it is built; a map whose projector would not fit in the available memory is refused
+    (:class:`~cryo_forum.errors.InvalidSetting` ``size``) before anything is allocated.
     """
 
     def __init__(self, volume: np.ndarray, oversampling: int = 2):
-        volume = np.asarray(volume, dtype=np.float64)
+        volume = np.asarray(volume)
         if volume.ndim != 3 or len(set(volume.shape)) != 1:
             raise ValueError(f"the projector needs a cubic volume [D, D, D], got shape {volume.shape}")
         if int(oversampling) != oversampling or oversampling < 1:
@@ -45,17 +86,14 @@ class FourierProjector:
         self.size = int(volume.shape[0])
         self.oversampling = int(oversampling)
         self.padded_size = self.size * self.oversampling
-        size, padded = self.size, self.padded_size
-
-        box = np.zeros((padded,) * 3)
-        start = padded // 2 - size // 2
-        box[start : start + size, start : start + size, start : start + size] = volume * _gridding_correction(
-            size, padded
+        size = self.size
+        resources.require_memory(
+            "size",
+            resources.projector_bytes(size, self.oversampling),
+            f"a {size} px map",
+            f"its projector (a {self.oversampling}x-padded spectrum of {self.padded_size}^3 complex values)",
         )
-        spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(box)))
-        # Frequency zero is read exactly on its grid point, where interpolation does not apodise: keep it true.
-        spectrum[padded // 2, padded // 2, padded // 2] = volume.sum()
-        self._spectrum = tf.constant(spectrum.reshape(-1).astype(np.complex64))
+        self._spectrum = _padded_spectrum(volume, self.padded_size)
 
         # Image frequencies (kx, ky, 0) of the half plane in irfft2d order: rows ky in FFT order, columns kx >= 0.
         ky = np.fft.fftfreq(size) * size
@@ -119,11 +157,16 @@ class FourierProjector:
         return self._project_matrices(rotations)
 
     def project_numpy(self, rotations: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """NumPy convenience: quaternions [N, 4] or matrices [N, 3, 3] -> float32 images [N, D, D], in batches."""
+        """NumPy convenience: quaternions [N, 4] or matrices [N, 3, 3] -> float32 images [N, D, D], in batches.
+
+        A batch reads at most about ``resources.PROJECTION_POINTS`` spectrum points (fewer images for large boxes),
+        so its temporaries (about 110 bytes per point) stay near 100 MB whatever the box.
+        """
         rotations = np.asarray(rotations, dtype=np.float64)
         matrices = geometry.quaternion_to_matrix(rotations) if rotations.shape[-1] == 4 else rotations
         matrices = matrices.reshape(-1, 3, 3).astype(np.float32)
         out = np.empty((len(matrices), self.size, self.size), dtype=np.float32)
+        batch_size = resources.chunk_of(batch_size, self.size * (self.size // 2 + 1), resources.PROJECTION_POINTS)
         for start in range(0, len(matrices), batch_size):
             out[start : start + batch_size] = self._project_matrices(matrices[start : start + batch_size]).numpy()
         return out

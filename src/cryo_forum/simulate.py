@@ -31,8 +31,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from cryo_forum import geometry
+from cryo_forum import geometry, resources
 from cryo_forum.ctf import compute_ctf
+from cryo_forum.errors import InvalidSetting
 from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_directory, refuse_overwriting_inputs
@@ -53,22 +54,13 @@ _TABLE_STREAM, _PILOT_STREAM, _IMAGE_STREAM, _VARIANT_STREAM = 0, 1, 2, 3
 
 __all__ = [
     "OUTLIER_KINDS",
-    "InvalidSetting",
     "SimulatedParticles",
     "SimulationSettings",
     "example_map_path",
+    "require_resources",
     "simulate_particles",
     "write_simulation",
 ]
-
-
-class InvalidSetting(ValueError):
-    """A simulation setting out of range; ``field`` names the :class:`SimulationSettings` field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -95,7 +87,7 @@ class SimulationSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        """Raise :class:`InvalidSetting` naming the first field out of range."""
+        """Raise :class:`~cryo_forum.errors.InvalidSetting` naming the first field out of range."""
         checks = [
             ("n", int(self.n) == self.n and self.n > 0, f"must be a positive integer, got {self.n}"),
             ("snr", self.snr is None or self.snr > 0, f"must be positive, got {self.snr}"),
@@ -141,6 +133,10 @@ class SimulationSettings:
     def bfactor_range(self) -> tuple[float, float]:
         low, high = np.broadcast_to(np.asarray(self.bfactor, dtype=np.float64), (2,))
         return float(low), float(high)
+
+    def drawn_kinds(self) -> tuple[str, ...]:
+        """The outlier kinds that occur: the first of ``outlier_kinds`` when there are fewer outliers than kinds."""
+        return self.outlier_kinds[: min(round(self.outlier_fraction * self.n), len(self.outlier_kinds))]
 
 
 @dataclass(frozen=True)
@@ -343,11 +339,23 @@ def noise_levels(projector: FourierProjector, pixel_size: float, settings: Simul
     """(signal std, noise std) of a data set: the signal's from PILOT_PARTICLES pilot particles drawn from the
     seed like the real ones (CTF-filtered, centred), the noise's from it and ``snr`` (0 without noise)."""
     pilot = draw_particles(settings, stream_rng(settings.seed, _PILOT_STREAM), n=PILOT_PARTICLES)
-    clean = apply_ctf(
-        projector.project_numpy(pilot.quaternions), pixel_size, settings, pilot, np.arange(PILOT_PARTICLES)
-    )
-    signal_std = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2)))))
+    variances = []
+    for index in _chunks(PILOT_PARTICLES, render_chunk(projector.size)):
+        clean = apply_ctf(projector.project_numpy(pilot.quaternions[index]), pixel_size, settings, pilot, index)
+        variances.append(np.var(clean, axis=(1, 2)))
+    signal_std = float(np.sqrt(np.mean(np.concatenate(variances))))
     return signal_std, 0.0 if settings.snr is None else signal_std / np.sqrt(settings.snr)
+
+
+def render_chunk(size: int, chunk_size: int = 256) -> int:
+    """Images of D px rendered at once: ``chunk_size``, fewer for large boxes (``resources.CHUNK_VALUES`` pixels)."""
+    return resources.chunk_of(chunk_size, size**2)
+
+
+def _chunks(n: int, chunk: int):
+    """Consecutive index arrays of at most ``chunk`` covering range(n)."""
+    for start in range(0, n, chunk):
+        yield np.arange(start, min(start + chunk, n))
 
 
 class ParticleRenderer:
@@ -448,9 +456,47 @@ def boxed_volume(volume: np.ndarray, pixel_size: float, size: int | None = None)
     return volume
 
 
-def _prepare(volume: np.ndarray, pixel_size: float, size: int | None, options: dict):
+def require_resources(settings: SimulationSettings, size: int, out_dir: str | Path | None = None) -> None:
+    """Refuse, before anything is allocated, a simulation of ``size`` px particles that cannot fit.
+
+    Raises :class:`~cryo_forum.errors.InvalidSetting` naming ``size`` when the projectors of the map (and of its
+    decoy and broken variants) and the rendering of a chunk exceed the available memory, and ``n`` when the
+    files would not fit on ``out_dir``'s file system or the particles' table (in memory, without ``out_dir``:
+    and their images) would not fit in memory. The costs are those of :mod:`cryo_forum.resources`.
+    """
+    if not (int(size) == size and size > 0):
+        raise InvalidSetting("size", f"must be a positive number of pixels, got {size}")
+    size, n = int(size), int(settings.n)
+    box, projectors = _box_memory(settings, size)
+    resources.require_memory("size", box, f"a {size} px box", f"{projectors} and rendering")
+    table = n * resources.TABLE_BYTES_PER_PARTICLE
+    if out_dir is None:
+        needed = box + table + resources.stack_bytes(n, size)
+        purpose = f"their images, table and {projectors}"
+        resources.require_memory("n", needed, f"simulating {n} particles of {size} px in memory", purpose)
+        return
+    files = resources.stack_bytes(n, size) + n * resources.STAR_BYTES_PER_PARTICLE + 4 * size**3
+    resources.require_disk("n", files, out_dir, f"{n} particles of {size} px")
+    resources.require_memory("n", box + table, f"simulating {n} particles", f"their table and {projectors}")
+
+
+def _box_memory(settings: SimulationSettings, size: int) -> tuple[int, str]:
+    """Bytes a D px box needs whatever n (projectors, map copies, outlier maps, a chunk's rendering) and what for."""
+    variants = VARIANTS_PER_KIND * len({"decoy", "broken"} & set(settings.drawn_kinds()))
+    canvas = sum(kind in ("off_centre", "ice") for kind in settings.outlier_kinds) / len(settings.outlier_kinds)
+    needed = (
+        (1 + variants) * resources.projector_bytes(size)
+        + resources.map_bytes(size)
+        + (resources.outlier_map_bytes(size) if variants else 0)
+        + resources.render_bytes(size, render_chunk(size), settings.outlier_fraction * canvas)
+    )
+    return needed, f"the projectors of the map and its {variants} outlier maps" if variants else "the projector"
+
+
+def _prepare(volume: np.ndarray, pixel_size: float, size: int | None, options: dict, out_dir: Path | None = None):
     settings = SimulationSettings(**options)
     settings.validate()
+    require_resources(settings, np.shape(volume)[0] if size is None else size, out_dir)
     volume = boxed_volume(volume, pixel_size, size)
     draws = draw_particles(settings, stream_rng(settings.seed, _TABLE_STREAM))
     return settings, volume, draws
@@ -462,12 +508,16 @@ def simulate_particles(
     """Simulate ``n`` particles of a map [z, y, x] (padded or cropped about voxel D // 2 to ``size``) in memory.
 
     ``options`` are the :class:`SimulationSettings` fields, e.g. ``snr=0.1, ctf=True, defocus_range=(1e4,
-    2.5e4), bfactor=(0, 100), shift_px=3, outlier_fraction=0.1, symmetry="D2", seed=0``.
+    2.5e4), bfactor=(0, 100), shift_px=3, outlier_fraction=0.1, symmetry="D2", seed=0``. A request that would
+    not fit in memory is refused first (:func:`require_resources`).
     """
     settings, volume, draws = _prepare(volume, pixel_size, size, {"n": n, **options})
+    size = volume.shape[0]
     renderer = ParticleRenderer(volume, pixel_size, settings, draws)
-    images = renderer.render(np.arange(settings.n))
-    optics, particles = particle_tables(draws, settings, pixel_size, volume.shape[0])
+    images = np.empty((settings.n, size, size), dtype=np.float32)
+    for index in _chunks(settings.n, render_chunk(size)):
+        images[index] = renderer.render(index)
+    optics, particles = particle_tables(draws, settings, pixel_size, size)
     return SimulatedParticles(images, optics, particles)
 
 
@@ -484,14 +534,15 @@ def write_simulation(
 ) -> Path:
     """Write ``particles.mrcs``, ``particles.star`` (RELION 3.1) and ``volume.mrc`` (the map used) into out_dir.
 
-    Images are rendered and written ``chunk_size`` at a time (memory does not grow with n) and identical to
-    :func:`simulate_particles` with the same arguments. The three files appear together or not at all,
-    never over one of ``inputs``. ``progress`` shows a tqdm bar on stderr.
+    Images are rendered and written ``chunk_size`` at a time (fewer for large boxes: memory does not grow with
+    n) and identical to :func:`simulate_particles` with the same arguments. The three files appear together or
+    not at all, never over one of ``inputs``. ``progress`` shows progress on stderr. A request that would not fit
+    in memory or on disk is refused first (:func:`require_resources`).
     """
     out_dir = Path(out_dir)
     for name in OUTPUT_NAMES:
         refuse_overwriting_inputs(out_dir / name, inputs)
-    settings, volume, draws = _prepare(volume, pixel_size, size, {"n": n, **options})
+    settings, volume, draws = _prepare(volume, pixel_size, size, {"n": n, **options}, out_dir)
     size = volume.shape[0]
     renderer = ParticleRenderer(volume, pixel_size, settings, draws)
     optics, particles = particle_tables(draws, settings, pixel_size, size)
@@ -500,8 +551,7 @@ def write_simulation(
             stack_writer(staging / STACK_NAME, settings.n, size, pixel_size) as stack,
             progress_bar(settings.n, description="simulate", enabled=progress) as bar,
         ):
-            for start in range(0, settings.n, chunk_size):
-                index = np.arange(start, min(start + chunk_size, settings.n))
+            for index in _chunks(settings.n, render_chunk(size, chunk_size)):
                 stack[index[0] : index[-1] + 1] = renderer.render(index)
                 bar.update(len(index))
         star.write_star(

@@ -12,6 +12,7 @@ the map stays positive to within 1 % of its maximum.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -21,13 +22,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io.mrc import read_volume
+from cryo_forum.resources import map_bytes, model_map_bytes, require_memory
 
 MAP_SUFFIXES = (".mrc", ".map", ".ccp4", ".rec")
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
 MODEL_MARGIN_ANGSTROM = 3.0  # atom density reaches this far beyond the atom centres
 MODEL_BLUR_PER_PIXEL_AREA = 32.0  # extra B-factor (A^2) per apix^2: exp(-2) at Nyquist, so the crop does not ring
+
+log = logging.getLogger("cryo_forum")
 
 
 def example_map_path() -> Path:
@@ -38,6 +42,11 @@ def example_map_path() -> Path:
 def example_model_path() -> Path:
     """The atomic model the example map was computed from (PDB 1A28 chain A, protein atoms)."""
     return Path(str(resources.files("cryo_forum") / "data" / "1a28_chainA.pdb"))
+
+
+def benchmark_map_path() -> Path:
+    """The benchmarks' map (PDB 5J0N, 3.67 A/px, MIT-licensed copy; provenance in cryo_forum/data/README.md)."""
+    return Path(str(resources.files("cryo_forum") / "data" / "5j0n.mrc"))
 
 
 def is_model_file(path: str | os.PathLike) -> bool:
@@ -52,15 +61,17 @@ def load_volume(
 
     ``pixel_size=None`` keeps a map's own pixel size; for a model it picks one at which the molecule spans
     two thirds of the box (at least 1 A). ``size=None`` takes the smallest even box holding the map (or the
-    molecule with a margin). With ``center`` the centre of mass moves to voxel ``size // 2``.
+    molecule with a margin). With ``center`` the centre of mass moves to voxel ``size // 2``. A map resampled to
+    another box or pixel size is logged in one line; a box that would not fit in the available memory is refused
+    (:class:`~cryo_forum.errors.InvalidSetting` ``size``) before it is allocated.
     """
     path = Path(path)
     if not path.is_file():
         raise CryoForumError(f"{path}: file not found")
     if pixel_size is not None and not pixel_size > 0:
-        raise CryoForumError(f"pixel size must be positive, got {pixel_size}")
-    if size is not None and size <= 0:
-        raise CryoForumError(f"box size must be positive, got {size}")
+        raise InvalidSetting("pixel_size", f"must be positive, got {pixel_size}")
+    if size is not None and not (int(size) == size and size > 0):
+        raise InvalidSetting("size", f"must be a positive number of pixels, got {size}")
     if is_model_file(path):
         return _volume_from_model(path, pixel_size, size)
     if not str(path).lower().endswith(MAP_SUFFIXES):
@@ -79,6 +90,13 @@ def load_volume(
         map_pixel_size = pixel_size  # no header value: the given pixel size is the map's own
     if size is None:
         size = _even(math.ceil(max(volume.shape) * map_pixel_size / pixel_size - 1e-6))
+    require_memory("size", map_bytes(size), f"a {size} px box", "the map resampled into it")
+    if volume.shape != (size,) * 3 or abs(map_pixel_size / pixel_size - 1.0) > 1e-6:
+        shape = f"{volume.shape[0]}" if len(set(volume.shape)) == 1 else " x ".join(map(str, volume.shape[::-1]))
+        log.info(
+            f"{path}: resampling the map from {shape} px at {map_pixel_size:.3f} A/px "
+            f"to {size} px at {pixel_size:.3f} A/px"
+        )
     boxed = resample_volume(volume, map_pixel_size, pixel_size, size, center)
     kept = (
         np.clip(boxed, 0, None).sum() * pixel_size**3 / max(np.clip(volume, 0, None).sum() * map_pixel_size**3, 1e-30)
@@ -134,10 +152,17 @@ def resample_volume(
         return out.astype(np.float32)
     if scale > 1.0:
         volume = lowpass_volume(volume, pixel_size_in, 2.0 * pixel_size_out)
-    offsets = (np.arange(size) - size // 2) * scale
-    grid = np.meshgrid(offsets, offsets, offsets, indexing="ij")
-    coords = [g + c for g, c in zip(grid, source_centre, strict=True)]
-    return ndimage.map_coordinates(volume, coords, order=3, mode="constant", cval=0.0).astype(np.float32)
+    # Output voxel o reads the input at (o - size // 2) * scale + source_centre along each axis (no coordinate grids).
+    return ndimage.affine_transform(
+        volume,
+        np.full(3, scale),
+        offset=source_centre - (size // 2) * scale,
+        output_shape=(size,) * 3,
+        output=np.float32,
+        order=3,
+        mode="constant",
+        cval=0.0,
+    )
 
 
 def fourier_crop_volume(volume: np.ndarray, new_size: int) -> np.ndarray:
@@ -177,6 +202,7 @@ def _volume_from_model(path: Path, pixel_size: float | None, size: int | None) -
         pixel_size = max(1.0, math.ceil(100 * 1.5 * diameter / size) / 100) if size else 1.0
     fit = _even(math.ceil(diameter / pixel_size) + 2)
     box = max(fit, size or 0)
+    require_memory("size", model_map_bytes(box), f"a {box} px box", f"the map of {path.name} at {pixel_size:g} A/px")
     edge = box * pixel_size
     # A P1 cell of the box size with the molecule in its middle; the density is computed at half the pixel size.
     structure.cell = gemmi.UnitCell(edge, edge, edge, 90.0, 90.0, 90.0)

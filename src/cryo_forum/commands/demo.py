@@ -29,12 +29,14 @@ log = logging.getLogger("cryo_forum")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--n", type=int, default=2000, help="particles to simulate (default 2000)")
-    parser.add_argument("--snr", type=float, default=1.0, help="signal-to-noise ratio (default 1)")
-    parser.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
-    parser.add_argument("--particles-per-epoch", type=int, default=6400, help="default 6400")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (new or empty)")
+    parser.add_argument("--n", type=int, default=2000, help="particles to simulate (default: 2000)")
+    parser.add_argument("--snr", type=float, default=1.0, help="signal-to-noise ratio (default: 1)")
+    parser.add_argument("--epochs", type=int, default=80, help="training epochs (default: 80)")
+    parser.add_argument(
+        "--particles-per-epoch", type=int, default=6400, help="fresh training particles per epoch (default: 6400)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the simulation and training (default: 0)")
 
 
 def _run(step: int, title: str, argv: list[str]) -> None:

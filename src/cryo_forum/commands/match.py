@@ -6,6 +6,9 @@ asymmetric unit) at low resolution, then local grids around the best pose that s
 with the map's projection in Fourier space. The map is resampled to the particles' pixel size and box but not
 re-centred: its origin defines the poses. Writes a STAR file that keeps every input block and column, with the
 found rlnAngleRot/Tilt/Psi, the origins when --max-shift > 0, and _cfMatchScore (larger = better match).
+The run's peak memory (mostly the map's padded spectrum, which grows as the cube of the box) is estimated
+before anything is computed; a run that would not fit in the available memory is refused, naming the largest
+--batch-size that would.
 
 Example:
   cryo-forum match --star particles.star --volume map.mrc --out matched.star --max-shift 4
@@ -34,13 +37,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--symmetry", default="C1", help="point group of the map: search only its asymmetric unit (default C1)"
     )
     parser.add_argument("--datadir", type=Path, help="folder to look for particle stacks in")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="particles searched at once; fewer need less memory (default 32)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryo_forum.io.atomic import refuse_overwriting_inputs
+    from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.matching import MatchSettings, match_particles
+    from cryo_forum.matching import MatchSettings, match_particles, require_match_memory
+    from cryo_forum.resources import map_bytes
     from cryo_forum.volumes import load_volume
 
     settings = MatchSettings(
@@ -51,14 +57,16 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         symmetry=args.symmetry,
     )
-    try:
-        settings.validate()
-    except ValueError as error:
-        raise CryoForumError(str(error).replace("_deg", "").replace("_px", "")) from error
-    refuse_overwriting_inputs(args.out, [args.star, args.volume])
+    settings.validate()
+    if not args.volume.is_file():
+        raise CryoForumError(f"{args.volume}: file not found")
     particles = ParticleSet.open(args.star, datadir=args.datadir)
     particles.validate()
-    volume, _ = load_volume(args.volume, pixel_size=particles.pixel_size, size=particles.box_size, center=False)
+    OutputGuard().protect_particles(particles).protect(args.volume, "the reference map").check_file(args.out)
+    box = particles.box_size
+    settings.validate(box)
+    require_match_memory(box, settings, extra=map_bytes(box))  # before the map is resampled into the box
+    volume, _ = load_volume(args.volume, pixel_size=particles.pixel_size, size=box, center=False)
     started = time.perf_counter()
     table = match_particles(particles, volume, settings)
     seconds = time.perf_counter() - started

@@ -25,8 +25,6 @@ log = logging.getLogger("cryo_forum")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from cryo_forum.reconstruct import WIENER_CONSTANT
-
     parser.add_argument("--star", type=Path, required=True, metavar="FILE", help="particles with poses (.star, .cs)")
     parser.add_argument("--out", type=Path, required=True, metavar="MAP", help="output map, e.g. map.mrc")
     parser.add_argument("--half-maps", action="store_true", help="also write both half maps and their FSC")
@@ -41,9 +39,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wiener",
         type=float,
-        default=WIENER_CONSTANT,
+        default=1.0,
         metavar="C",
-        help=f"Wiener constant, an inverse SNR per image and Fourier voxel (default {WIENER_CONSTANT:g})",
+        help="Wiener constant, an inverse SNR per image and Fourier voxel (default: 1)",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="particles read at a time (default 256)")
 

@@ -8,6 +8,8 @@ The map is resampled to --apix (default: its own pixel size), centred on its cen
 or cropped to --box-size. Without --symmetry the poses cover all of SO(3); with it, the asymmetric unit.
 --outliers FRACTION replaces that share of the particles, in equal parts, by labelled outliers: noise
 (no particle), decoy (another molecule), broken (a map cut by a plane), off_centre (a bad pick) and ice.
+A request whose files would not fit on the output's disk, or whose box would not fit in memory (the
+projector holds the map's spectrum padded to twice the box: 8 (2 D)^3 bytes), is refused before any work.
 
 Example:
   cryo-forum simulate --volume map.mrc --n 2000 --box-size 64 --apix 4.58 --snr 0.1 --outliers 0.1 --out sim
@@ -26,22 +28,6 @@ from cryo_forum.errors import CryoForumError
 
 log = logging.getLogger("cryo_forum")
 
-# SimulationSettings field -> the option that sets it
-_OPTION_OF_FIELD = {
-    "n": "--n",
-    "snr": "--snr",
-    "defocus_range": "--defocus-range",
-    "astigmatism": "--astigmatism",
-    "voltage": "--voltage",
-    "cs": "--cs",
-    "amplitude_contrast": "--amplitude-contrast",
-    "bfactor": "--bfactor",
-    "shift_px": "--max-shift",
-    "outlier_fraction": "--outliers",
-    "outlier_kinds": "--outlier-kinds",
-    "symmetry": "--symmetry",
-}
-
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -49,10 +35,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         metavar="MAP",
-        help="a map (.mrc, .map) or an atomic model (.pdb, .cif, optionally .gz) to project",
+        help="a map (.mrc, .map) or an atomic model (.pdb, .cif, optionally .gz) to project (required)",
     )
-    parser.add_argument("--n", type=int, required=True, help="number of particles")
-    parser.add_argument("--box-size", type=int, required=True, metavar="D", help="particle box in pixels")
+    parser.add_argument("--n", type=int, required=True, help="number of particles (required)")
+    parser.add_argument("--box-size", type=int, required=True, metavar="D", help="particle box in pixels (required)")
     parser.add_argument(
         "--apix",
         type=float,
@@ -60,9 +46,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="pixel size in A (default: the map's; for a model, the molecule spans 2/3 of the box)",
     )
     parser.add_argument("--snr", type=float, help="var(signal) / var(noise) over the box (default: no noise)")
-    parser.add_argument(
-        "--ctf", action=argparse.BooleanOptionalAction, default=True, help="apply a CTF (default: on)"
-    )
+    parser.add_argument("--ctf", action=argparse.BooleanOptionalAction, default=True, help="apply a CTF (default: on)")
     parser.add_argument(
         "--defocus-range",
         type=float,
@@ -107,11 +91,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--symmetry", default="C1", help="point group whose asymmetric unit the poses fill (default: C1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same particles (default: 0)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (new or empty)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder, new or empty (required)")
 
 
 def _settings(args: argparse.Namespace):
-    from cryo_forum.simulate import InvalidSetting, SimulationSettings
+    """The SimulationSettings of the options, validated (InvalidSetting names the field; the CLI, its option)."""
+    from cryo_forum.simulate import SimulationSettings
 
     if len(args.bfactor) > 2:
         raise CryoForumError(f"--bfactor: give one value or MIN MAX, got {len(args.bfactor)} values")
@@ -131,26 +116,20 @@ def _settings(args: argparse.Namespace):
         symmetry=args.symmetry,
         seed=args.seed,
     )
-    try:
-        settings.validate()
-    except InvalidSetting as error:
-        raise CryoForumError(f"{_OPTION_OF_FIELD.get(error.field, error.field)}: {error.message}") from None
+    settings.validate()
     return settings
 
 
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.guard import OutputGuard
-    from cryo_forum.simulate import write_simulation
+    from cryo_forum.simulate import require_resources, write_simulation
     from cryo_forum.volumes import load_volume
 
-    if args.box_size <= 0:
-        raise CryoForumError(f"--box-size: must be a positive number of pixels, got {args.box_size}")
-    if args.apix is not None and not args.apix > 0:
-        raise CryoForumError(f"--apix: must be positive, got {args.apix}")
     settings = _settings(args)
     if not args.volume.is_file():
         raise CryoForumError(f"{args.volume}: file not found")
     OutputGuard().protect(args.volume).check_folder(args.out)
+    require_resources(settings, args.box_size, args.out)  # before the map is resampled into the box
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         volume, pixel_size = load_volume(args.volume, pixel_size=args.apix, size=args.box_size)

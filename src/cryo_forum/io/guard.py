@@ -78,7 +78,7 @@ class OutputGuard:
     def _refuse_input(self, output: Path) -> None:
         what = self._files.get(output.resolve())
         if what is not None:
-            raise CryoForumError(f"{output}: is {what} of this command; refusing to write over it")
+            raise CryoForumError(f"{output}: refusing to overwrite an input ({what} of this command)")
 
 
 def _check_writable(path: Path, start: Path | None = None) -> None:

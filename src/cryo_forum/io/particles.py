@@ -240,11 +240,29 @@ class ParticleSet:
             return self.table[star.IMAGE_PIXEL_SIZE].to_numpy(dtype=np.float64)
         return np.full(len(self), self.pixel_size)
 
+    def numbers(self, columns) -> np.ndarray:
+        """The values of ``columns`` as float64 [N, len(columns)]; CryoForumError naming a column that holds text."""
+        columns = list(columns)
+        try:
+            return self.table[columns].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError):
+            for column in columns:
+                values = pd.to_numeric(self.table[column], errors="coerce")
+                bad = values.isna() & self.table[column].notna()
+                if bad.any():
+                    example = self.table[column][bad].iloc[0]
+                    raise CryoForumError(f"{self.source}: {column} holds a non-number ({example!r})") from None
+            raise
+
     def quaternions(self) -> np.ndarray:
         """Canonical quaternions [N, 4] ([x, y, z, w]) of the RELION matrices A(rot, tilt, psi)."""
         if not self.has_poses:
             raise CryoForumError(f"{self.source}: no poses (rlnAngleRot, rlnAngleTilt, rlnAnglePsi)")
-        return geometry.euler_to_quaternion(self.table[list(star.ANGLES)].to_numpy(dtype=np.float64))
+        angles = self.numbers(star.ANGLES)
+        bad = ~np.isfinite(angles).all(axis=1)
+        if bad.any():
+            raise CryoForumError(f"{self.source}: angles are not finite numbers for {int(bad.sum())} particles")
+        return geometry.euler_to_quaternion(angles)
 
     def shifts_px(self) -> np.ndarray:
         """Origin shifts [N, 2] (x, y) in pixels; zeros when the file has none."""
@@ -261,7 +279,7 @@ class ParticleSet:
         return np.zeros((len(self), 2))
 
     def _columns_or_zeros(self, x: str, y: str) -> np.ndarray:
-        columns = [self.table[c].to_numpy(dtype=np.float64) if c in self.table else np.zeros(len(self)) for c in (x, y)]
+        columns = [self.numbers([c])[:, 0] if c in self.table else np.zeros(len(self)) for c in (x, y)]
         return np.stack(columns, axis=-1).reshape(len(self), 2)
 
     def ctf_parameters(self) -> dict[str, np.ndarray]:
@@ -273,7 +291,7 @@ class ParticleSet:
 
         def column(name: str, default: str | float) -> np.ndarray:
             if name in self.table:
-                return self.table[name].to_numpy(dtype=np.float64)
+                return self.numbers([name])[:, 0]
             return column(default, 0.0) if isinstance(default, str) else np.full(len(self), float(default))
 
         return {
