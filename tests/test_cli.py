@@ -1,5 +1,6 @@
 """The command line itself: fast help, one-line errors that name options, results on stdout, clean exits."""
 
+import logging
 import subprocess
 import sys
 
@@ -82,3 +83,22 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert cli.main([*argv, "--out", "/sys/sim"]) == 1  # not writable, even for root
     assert "cannot write in /sys" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_file_is_plain_lines(capsys):
+    from cryo_forum.progress import progress
+
+    handler = cli._StderrHandler()
+    logger = logging.getLogger("cryo_forum")
+    logger.addHandler(handler)
+    logger.setLevel("INFO")
+    try:
+        with progress(1000, description="predict", interval=0.0) as bar:
+            for _ in range(100):
+                bar.update(10)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err  # pytest's capture is not a terminal, like a log file
+    lines = err.strip().splitlines()
+    assert "\r" not in err and len(lines) == 10
+    assert lines[0].startswith("predict: 100 / 1000 particles (10 %") and "1000 / 1000" in lines[-1]

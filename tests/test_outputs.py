@@ -222,3 +222,14 @@ def test_non_numeric_angles_are_named_in_one_line(particles, tmp_path, capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert "rlnAngleTilt holds a non-number ('abc')" in err and len(err.splitlines()) == 1
+
+
+def test_unwritable_outputs_fail_before_the_work(particles, run, capsys):
+    for argv in (
+        ["predict", "--model", str(run), "--star", str(particles), "--out", "/sys/predicted.star"],
+        ["reconstruct", "--star", str(particles), "--out", "/sys/map.mrc", "--half-maps"],
+        ["evaluate", "--pred", str(particles), "--truth", str(particles), "--out", "/sys/report"],
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "cannot write in /sys" in err and len(err.strip().splitlines()) == 1
