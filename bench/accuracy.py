@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _maps import add_volume_option, check_recorded_map, map_record, record_map, same_map
 
-from cryo_forum.volumes import benchmark_map_path
+from cryo_forum.io.maps import benchmark_map_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MAP = benchmark_map_path()
@@ -83,7 +83,7 @@ def train_from_map(volume: Path, snr: float, run: Path, epochs: int, per_epoch: 
 
 def check_run_map(run: Path, volume: Path) -> None:
     """Stop unless the run kept in ``run`` trains from ``volume`` (the same bytes), so resuming it is the same run."""
-    from cryo_forum.config import TrainingConfig
+    from cryo_forum.training.config import TrainingConfig
 
     trained_from = TrainingConfig.load(run / "config.yaml").volume
     if trained_from is None or not same_map(Path(trained_from), volume):
@@ -115,7 +115,7 @@ def inlier_errors_deg(predicted: Path, test_star: Path) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cryo_forum.plots import error_histogram
+    from cryo_forum.analysis.plots import error_histogram
 
     out = args.out or ROOT / "bench" / "results" / f"accuracy_snr{args.snr:g}"
     out.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ def plot(entries: list[dict], references: list[dict], path: Path, name: str) -> 
     """Median and mean error against SNR, one line per method; longer qcqp runs as separate markers."""
     from matplotlib.figure import Figure
 
-    from cryo_forum.plots import save_png
+    from cryo_forum.analysis.plots import save_png
 
     fig = Figure(figsize=(13, 4.2), dpi=100)
     axes = fig.subplots(1, 2)

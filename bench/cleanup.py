@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cleanup_snr1")
     args = parser.parse_args(argv)
     from cryo_forum.cli import main as cli
-    from cryo_forum.config import TrainingConfig
-    from cryo_forum.training import calibrate_on_validation
+    from cryo_forum.training.config import TrainingConfig
+    from cryo_forum.training.trainer import calibrate_on_validation
 
     started = time.perf_counter()
     if not (args.run / "calibration.json").exists():

@@ -53,7 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _maps import add_volume_option, check_recorded_map, map_record, record_map
 
-from cryo_forum.volumes import example_map_path
+from cryo_forum.io.maps import example_map_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1000, 10000, 100000)
@@ -338,7 +338,7 @@ def plot(entries: list[dict], stack_mib_per_particle: float, path: Path, title: 
     """Time and peak memory against N (log x): predict and train lines."""
     from matplotlib.figure import Figure
 
-    from cryo_forum.plots import save_png
+    from cryo_forum.analysis.plots import save_png
 
     n = [e["n"] for e in entries]
     fig = Figure(figsize=(11, 4.2), dpi=100)

@@ -9,9 +9,9 @@ timing comes after a warm-up (tracing) and is repeated --repeats times; best and
 
 * Prediction (particles/s) of the default model as ``cryo-forum train`` builds it (small encoder, qcqp head),
   at 64 and 128 px, in batches of 256, the outputs fetched to numpy: eagerly, ``model(images, training=False)``
-  per batch (how a Keras user calls a model); and through cryo_forum.model.inference_function, the graph that
-  cryo_forum.prediction.predict_particles (``cryo-forum predict``) uses.
-* Projection matching (particles/s) at the same sizes: ``cryo_forum.matching.match_particles`` (what
+  per batch (how a Keras user calls a model); and through cryo_forum.model.estimator.inference_function, the graph that
+  cryo_forum.prediction.predict.predict_particles (``cryo-forum predict``) uses.
+* Projection matching (particles/s) at the same sizes: ``cryo_forum.prediction.matching.match_particles`` (what
   ``cryo-forum match`` runs, default settings) on particles simulated from the built-in example map (--volume for
   another map or an atomic model) in a box of --field-of-view A (default 128 A: 2 A/px at 64 px), after a warm-up
   run (XLA compilation); the one-off set-up (36 864 coarse references) is timed apart from the per-particle
@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _maps import add_volume_option, map_record
 
-from cryo_forum.volumes import example_map_path
+from cryo_forum.io.maps import example_map_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_BATCH = 256
@@ -113,16 +113,16 @@ def matmul_peak(sizes: list[int], repeats: int) -> dict:
 
 
 def default_config(image_size: int):
-    from cryo_forum.config import TrainingConfig
+    from cryo_forum.training.config import TrainingConfig
 
     return TrainingConfig(image_size=image_size)
 
 
 def prediction_throughput(image_size: int, batches: int, repeats: int) -> dict:
     """Particles/s of eager model calls and of the graph that predict_particles uses."""
-    from cryo_forum.model import inference_function
+    from cryo_forum.model.estimator import inference_function
     from cryo_forum.tensorflow_quiet import tf
-    from cryo_forum.training import build_model
+    from cryo_forum.training.trainer import build_model
 
     model = build_model(default_config(image_size))
     images = [tf.random.normal([PREDICT_BATCH, image_size, image_size, 1], seed=i) for i in range(batches)]
@@ -147,10 +147,10 @@ def matching_throughput(volume_path: Path, field_of_view: float, image_size: int
     """Seconds of projection matching's set-up and per particle, at ``image_size`` px, on ``n`` particles."""
     import tempfile
 
+    from cryo_forum.io.maps import load_volume
     from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.matching import MatchSettings, ParticleCTFs, ProjectionMatcher, shell_noise_power
-    from cryo_forum.simulate import write_simulation
-    from cryo_forum.volumes import load_volume
+    from cryo_forum.prediction.matching import MatchSettings, ParticleCTFs, ProjectionMatcher, shell_noise_power
+    from cryo_forum.streams.simulation import write_simulation
 
     volume, pixel_size = load_volume(volume_path, pixel_size=field_of_view / image_size, size=image_size)
     with tempfile.TemporaryDirectory() as folder:
@@ -204,7 +204,7 @@ def timed_fit(model, dataset, steps: int, repeats: int) -> list[float]:
 def in_batch_training(steps: int, repeats: int) -> dict:
     """Pairs/s of OrientationEstimator's train_step: B(B-1)/2 pairs from each batch of B images."""
     from cryo_forum.tensorflow_quiet import tf
-    from cryo_forum.training import build_model, make_optimizer
+    from cryo_forum.training.trainer import build_model, make_optimizer
 
     config = default_config(TRAIN_SIZE)
     model = build_model(config)
@@ -231,7 +231,7 @@ def two_branch_model(image_size: int):
     """
     from cryo_forum.geometry import geodesic_distance_tf
     from cryo_forum.tensorflow_quiet import keras
-    from cryo_forum.training import build_model
+    from cryo_forum.training.trainer import build_model
 
     class PairDistance(keras.layers.Layer):
         """Quaternions [B, 4] x 2 -> geodesic distance [B, 1] in radians."""
@@ -254,7 +254,7 @@ def two_branch_training(steps: int, repeats: int) -> dict:
     """Pairs/s of the two-branch layout: each step one batch of B pairs (2B images), loss mean |d_pred - d_true|."""
     from cryo_forum.geometry import geodesic_distance
     from cryo_forum.tensorflow_quiet import tf
-    from cryo_forum.training import make_optimizer
+    from cryo_forum.training.trainer import make_optimizer
 
     config = default_config(TRAIN_SIZE)
     model = two_branch_model(TRAIN_SIZE)
@@ -310,7 +310,7 @@ def analytic_flops(model) -> int:
 
 def forward_flops(image_size: int) -> dict:
     """FLOPs per image of the default model's forward pass: profiler count, analytic count and the one used."""
-    from cryo_forum.training import build_model
+    from cryo_forum.training.trainer import build_model
 
     model = build_model(default_config(image_size))
     profiled = profiler_flops(model, image_size)
@@ -348,7 +348,7 @@ def machine() -> dict:
 def plot(result: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from cryo_forum.plots import save_png
+    from cryo_forum.analysis.plots import save_png
 
     figure = Figure(figsize=(18, 4.5))
     left, versus, middle, right = figure.subplots(1, 4)

@@ -3,7 +3,7 @@
 The atomic model is PDB entry 1A28 (human progesterone receptor ligand-binding domain), as shipped in the
 MDAnalysisTests 2.11.0 source distribution (MDAnalysisTests/data/1a28.pdb.gz). Chain A (the biological unit
 is a monomer) is kept without waters, ligands, hydrogens or alternative conformations, and its electron
-scattering potential is computed with gemmi (cryo_forum.volumes.load_volume) at 2 A/px in a 48^3 box.
+scattering potential is computed with gemmi (cryo_forum.io.maps.load_volume) at 2 A/px in a 48^3 box.
 
 Get the sdist first (the only download; nothing else is fetched):
   pip download --no-deps --no-binary :all: mdanalysistests==2.11.0 -d /tmp/sdist
@@ -23,8 +23,8 @@ from pathlib import Path
 import gemmi
 
 from cryo_forum.io.atomic import atomic_output
+from cryo_forum.io.maps import load_volume
 from cryo_forum.io.mrc import write_volume
-from cryo_forum.volumes import load_volume
 
 MEMBER = "mdanalysistests-2.11.0/MDAnalysisTests/data/1a28.pdb.gz"
 SDIST_SHA256 = "5edeb5b01805da728b202103aa8d2b5974a37f1005ab1fe0150ed7d59702d2ea"

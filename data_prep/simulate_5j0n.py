@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cryo_forum import cli
-from cryo_forum.volumes import benchmark_map_path
+from cryo_forum.io.maps import benchmark_map_path
 
 
 def main(argv: list[str] | None = None) -> int:

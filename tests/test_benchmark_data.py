@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryo_forum.volumes import benchmark_map_path, example_map_path, load_volume
+from cryo_forum.io.maps import benchmark_map_path, example_map_path, load_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "cryo_forum" / "data"

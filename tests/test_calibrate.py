@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from scipy.spatial.transform import Rotation
 
-from cryo_forum import calibrate as cal
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
-from cryo_forum.uncertainty import SCORES
+from cryo_forum.prediction import calibration as cal
+from cryo_forum.prediction.uncertainty import SCORES
 
 
 def random_eigenvalues(n: int, seed: int, low: float = -1.0, high: float = 4.0) -> np.ndarray:

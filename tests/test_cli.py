@@ -74,7 +74,7 @@ def test_library_errors_are_one_line(monkeypatch, capsys):
 
 
 def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
-    from cryo_forum.volumes import example_map_path
+    from cryo_forum.io.maps import example_map_path
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cryo_forum.ctf import compute_ctf, electron_wavelength, frequency_grid
+from cryo_forum.physics.ctf import compute_ctf, electron_wavelength, frequency_grid
 
 
 def relion_ctf(s_x, s_y, du, dv, angle_deg, kv, cs_mm, q0, bfactor):
@@ -53,7 +53,7 @@ def test_batched_parameters_and_half_grid():
 
 
 def test_tensorflow_twin_matches_numpy():
-    from cryo_forum.ctf import compute_ctf_tf
+    from cryo_forum.physics.ctf import compute_ctf_tf
 
     du, dv, angle = np.array([12000.0, 25000.0]), np.array([11000.0, 24000.0]), np.array([10.0, -60.0])
     expected = compute_ctf(48, 2.5, du, dv, angle, 300.0, 2.7, 0.1, bfactor=40.0, phase_shift=5.0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from cryo_forum.encoders import (
+from cryo_forum.model.encoders import (
     ENCODERS,
     POOLINGS,
     Encoder,

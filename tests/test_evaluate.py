@@ -7,14 +7,16 @@ import pandas as pd
 import pytest
 from scipy.spatial.transform import Rotation
 
-from cryo_forum import calibrate, evaluate, geometry
+from cryo_forum import geometry
+from cryo_forum.analysis import evaluate
 from cryo_forum.cli import main
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
+from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.simulate import write_simulation
-from cryo_forum.uncertainty import dispersion_trace
-from cryo_forum.volumes import example_map_path, load_volume
+from cryo_forum.prediction import calibration
+from cryo_forum.prediction.uncertainty import dispersion_trace
+from cryo_forum.streams.simulation import write_simulation
 
 BOX = 32
 PIXEL_SIZE = 3.0
@@ -302,8 +304,8 @@ def test_model_option_takes_the_runs_calibrated_threshold(truth, truth_path, out
     rng = np.random.default_rng(9)
     unsure = rng.random(400) < 0.3
     validation = eigenvalues_for(unsure) * rng.lognormal(0.0, 0.2, size=(400, 1))
-    calibrate.save_calibration(tmp_path / "run", calibrate.calibrate(validation, np.where(unsure, 90.0, 5.0)))
-    expected = calibrate.threshold_for(calibrate.load_calibration(tmp_path / "run"), "dispersion_trace")
+    calibration.save_calibration(tmp_path / "run", calibration.calibrate(validation, np.where(unsure, 90.0, 5.0)))
+    expected = calibration.threshold_for(calibration.load_calibration(tmp_path / "run"), "dispersion_trace")
     eigenvalues = eigenvalues_for(outliers)
     pred = write_prediction(truth, tmp_path / "p.star", q=truth.quaternions(), eigenvalues=eigenvalues)
     args = ("--model", str(tmp_path / "run"))
@@ -311,7 +313,7 @@ def test_model_option_takes_the_runs_calibrated_threshold(truth, truth_path, out
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(expected)
     assert run_cli(pred, truth_path, tmp_path / "default", *args) == 0  # without --metric: the calibration's
-    default = calibrate.load_calibration(tmp_path / "run")["default_metric"]
+    default = calibration.load_calibration(tmp_path / "run")["default_metric"]
     assert json.loads((tmp_path / "default" / "metrics.json").read_text())["metric"] == default
     assert dispersion_trace(SHARP) < expected < dispersion_trace(FLAT)
     assert metrics["kept_fraction"] == pytest.approx(np.mean(~outliers))

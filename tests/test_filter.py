@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 import starfile
 
-from cryo_forum import calibrate, cli
+from cryo_forum import cli
 from cryo_forum.io import star
+from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.simulate import write_simulation
-from cryo_forum.uncertainty import SCORES, dispersion_trace, expected_error_deg
-from cryo_forum.volumes import example_map_path, load_volume
+from cryo_forum.prediction import calibration
+from cryo_forum.prediction.uncertainty import SCORES, dispersion_trace, expected_error_deg
+from cryo_forum.streams.simulation import write_simulation
 
 N = 40
 
@@ -102,7 +103,7 @@ def test_kept_particles_written_elsewhere_still_find_their_images(simulated, tmp
 def test_quantile_threshold_comes_from_the_calibration_not_the_filtered_set(simulated, tmp_path, capsys):
     validation = eigenvalues(seed=4, n=300)
     run = tmp_path / "run"
-    calibrate.save_calibration(run, calibrate.calibrate(validation, source="validation"))
+    calibration.save_calibration(run, calibration.calibrate(validation, source="validation"))
     expected = np.quantile(expected_error_deg(validation), 0.5)
     thresholds, kept_counts = [], []
     for name, scale in (("pred_sharp.star", 3.0), ("pred_flat.star", 0.05)):
@@ -128,13 +129,13 @@ def test_recommended_threshold_and_other_metrics_from_the_calibration(simulated,
     rng = np.random.default_rng(7)
     errors = np.where(scores < 40, 0.5 * scores, rng.uniform(60, 180, 200))  # junk beyond 40 degrees
     run = tmp_path / "run"
-    calibration = calibrate.calibrate(validation, errors, source="validation")
-    calibrate.save_calibration(run, calibration)
+    stored = calibration.calibrate(validation, errors, source="validation")
+    calibration.save_calibration(run, stored)
     values = eigenvalues(seed=8)
     source = predicted_star(simulated, "pred_c.star", values)
     assert run_filter("--star", source, "--out", tmp_path / "rec.star", "--model", run) == 0
     printed = capsys.readouterr().out
-    recommended = calibration["metrics"]["expected_error_deg"]["recommended"]
+    recommended = stored["metrics"]["expected_error_deg"]["recommended"]
     assert printed_threshold(printed) == pytest.approx(recommended["threshold"], rel=1e-5)
     assert 30 < recommended["threshold"] <= 40 and "recommended: keeps" in printed
     assert len(starfile.read(tmp_path / "rec.star")["particles"]) == np.sum(
@@ -148,8 +149,9 @@ def test_recommended_threshold_and_other_metrics_from_the_calibration(simulated,
         dispersion_trace(values) <= trace_threshold
     )
     assert run_filter("--star", source, "--out", tmp_path / "x.star", "--model", run, "--threshold", 20) == 0
-    below = np.searchsorted(np.quantile(scores, calibrate.QUANTILE_LEVELS), 20, side="right") - 1
-    assert f"keeps about {calibrate.QUANTILE_LEVELS[below]:.0%} of the run's calibration set" in capsys.readouterr().out
+    below = np.searchsorted(np.quantile(scores, calibration.QUANTILE_LEVELS), 20, side="right") - 1
+    kept = calibration.QUANTILE_LEVELS[below]
+    assert f"keeps about {kept:.0%} of the run's calibration set" in capsys.readouterr().out
 
 
 def test_derived_columns_suffice_for_their_metrics(simulated, tmp_path, capsys):
@@ -205,7 +207,7 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(simulated, tmp_path, c
     shutil.copy(pred, folder / "clash.rejected.star")
     for name in ("run", "empty", "corrupt"):
         (tmp_path / name).mkdir()
-    calibrate.save_calibration(tmp_path / "run", calibrate.calibrate(eigenvalues(seed=12)))
+    calibration.save_calibration(tmp_path / "run", calibration.calibrate(eigenvalues(seed=12)))
     (tmp_path / "corrupt" / "calibration.json").write_text("{")
     places = {
         "raw": simulated / "particles.star",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from cryo_forum.fourier import fourier_crop, fourier_crop_and_filter, rotate_images
+from cryo_forum.physics.fourier import fourier_crop, fourier_crop_and_filter, rotate_images
 
 
 def _even_filter(size: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cryo_forum.fourier import fft2_centered, fourier_crop, ifft2_centered, translate_images
+from cryo_forum.physics.fourier import fft2_centered, fourier_crop, ifft2_centered, translate_images
 
 
 def test_translation_moves_content_by_the_shift():

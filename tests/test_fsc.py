@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cryo_forum import cli
-from cryo_forum.fsc import Resolution, fsc, resolution_at, write_fsc
+from cryo_forum.analysis.fsc import Resolution, fsc, resolution_at, write_fsc
 from cryo_forum.io.mrc import write_volume
 
 SIZE = 16

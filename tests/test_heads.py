@@ -5,7 +5,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from cryo_forum import geometry as g
-from cryo_forum.heads import (
+from cryo_forum.model.heads import (
     HEADS,
     NineDHead,
     QCQPHead,

@@ -30,8 +30,8 @@ def test_rotation_code_never_imports_tensorflow_addons():
         import sys
         import numpy as np
         from cryo_forum import geometry
-        from cryo_forum.training import build_model
-        from cryo_forum.config import TrainingConfig
+        from cryo_forum.training.trainer import build_model
+        from cryo_forum.training.config import TrainingConfig
         q = geometry.random_quaternions(4, 0).astype(np.float32)
         geometry.quaternion_to_matrix_tf(q); geometry.matrix_to_quaternion_tf(geometry.quaternion_to_matrix(q))
         geometry.quaternion_multiply_tf(q, q)

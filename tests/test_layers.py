@@ -5,7 +5,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from cryo_forum import geometry as g
-from cryo_forum.layers import QCQPLayer, smallest_eigenvector, vector_to_symmetric_matrix
+from cryo_forum.model.layers import QCQPLayer, smallest_eigenvector, vector_to_symmetric_matrix
 from cryo_forum.tensorflow_quiet import keras, tf
 
 UPPER = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3)]

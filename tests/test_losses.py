@@ -7,7 +7,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from cryo_forum import geometry as g
-from cryo_forum.losses import (
+from cryo_forum.model.losses import (
     LossSchedule,
     direct_pose_loss,
     pair_distances,
@@ -175,7 +175,7 @@ def _bingham_matrix(mode: np.ndarray, concentrations) -> np.ndarray:
 
 
 def test_bingham_normaliser_matches_integration_on_the_sphere():
-    from cryo_forum.losses import bingham_nll
+    from cryo_forum.model.losses import bingham_nll
 
     rng = np.random.default_rng(3)
     samples = rng.standard_normal((400000, 4))
@@ -195,7 +195,7 @@ def test_bingham_normaliser_matches_integration_on_the_sphere():
 
 
 def test_bingham_nll_rewards_sharp_beliefs_for_inliers_and_flat_ones_for_outliers():
-    from cryo_forum.losses import bingham_nll
+    from cryo_forum.model.losses import bingham_nll
 
     mode = g.random_quaternions(1, 4)[0]
     near = g.quaternion_multiply(mode, Rotation.from_rotvec([0.0, 0.05, 0.0]).as_quat())

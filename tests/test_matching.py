@@ -4,12 +4,15 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from cryo_forum import geometry, matching, resources
+from cryo_forum import geometry, resources
 from cryo_forum.cli import main as cli
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
+from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.matching import (
+from cryo_forum.physics.projection import FourierProjector
+from cryo_forum.prediction import matching
+from cryo_forum.prediction.matching import (
     COVERING,
     LOCAL_HALF_WIDTH,
     MatchSettings,
@@ -21,9 +24,7 @@ from cryo_forum.matching import (
     particle_spectra,
     require_match_memory,
 )
-from cryo_forum.projection import FourierProjector
-from cryo_forum.simulate import write_simulation
-from cryo_forum.volumes import example_map_path, load_volume
+from cryo_forum.streams.simulation import write_simulation
 
 
 def nearest_angle_deg(grid: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -243,11 +244,11 @@ def test_a_batch_that_does_not_fit_names_the_batch_size_that_does(monkeypatch):
 
 
 def test_match_refuses_a_run_that_cannot_fit_before_loading_the_map(shifted_particles, capsys, monkeypatch):
-    from cryo_forum import volumes
+    from cryo_forum.io import maps
 
     settings = MatchSettings(batch_size=4, max_shift_px=3.0)
     monkeypatch.setattr(resources, "available_memory", lambda: match_memory(32, settings) + resources.map_bytes(32))
-    monkeypatch.setattr(volumes, "load_volume", _must_not_run)
+    monkeypatch.setattr(maps, "load_volume", _must_not_run)
     sim = shifted_particles / "sim"
     out = shifted_particles / "refused.star"
     command = ["match", "--star", str(sim / "particles.star"), "--volume", str(sim / "volume.mrc"), "--out", str(out)]

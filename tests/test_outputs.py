@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import starfile
 
+from cryo_forum.analysis.coverage import viewing_coverage
 from cryo_forum.cli import main
-from cryo_forum.coverage import viewing_coverage
 from cryo_forum.geometry import random_quaternions
 from cryo_forum.io.guard import OutputGuard
-from cryo_forum.simulate import write_simulation
-from cryo_forum.volumes import example_map_path, load_volume
+from cryo_forum.io.maps import example_map_path, load_volume
+from cryo_forum.streams.simulation import write_simulation
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1", "--epochs", "1"]
 

@@ -11,12 +11,12 @@ import pytest
 import starfile
 from scipy.spatial.transform import Rotation
 
-from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import particles as particles_module
 from cryo_forum.io import star
 from cryo_forum.io.mrc import stack_writer, write_stack, write_volume
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.physics.ctf import compute_ctf
 
 BOX = 32
 

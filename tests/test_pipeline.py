@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import starfile
 
-from cryo_forum import geometry, pipeline
+from cryo_forum import geometry
 from cryo_forum.errors import CryoForumError, InvalidSetting
-from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
+from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.preprocess import CTF_KEYS, Preprocessor
-from cryo_forum.projection import FourierProjector
-from cryo_forum.simulate import write_simulation
+from cryo_forum.physics.fourier import translate_images
+from cryo_forum.physics.projection import FourierProjector
+from cryo_forum.streams import pipeline
+from cryo_forum.streams.preprocess import CTF_KEYS, Preprocessor
+from cryo_forum.streams.simulation import write_simulation
 from cryo_forum.tensorflow_quiet import tf
-from cryo_forum.volumes import example_map_path, load_volume
 
 BOX = 32
 PIXEL_SIZE = 3.0

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import yaml
 
-from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import CryoForumError
-from cryo_forum.preprocess import (
+from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.streams.preprocess import (
     Preprocessor,
     apply_soft_mask,
     downsample,

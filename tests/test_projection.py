@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from cryo_forum import geometry, resources
 from cryo_forum.errors import InvalidSetting
-from cryo_forum.projection import FourierProjector, project
+from cryo_forum.physics.projection import FourierProjector, project
 from cryo_forum.tensorflow_quiet import tf
 
 

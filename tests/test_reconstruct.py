@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 
 from cryo_forum import cli, geometry
-from cryo_forum.ctf import compute_ctf
+from cryo_forum.analysis.fsc import fsc
+from cryo_forum.analysis.reconstruct import FourierAccumulator, backproject, half_maps, reconstruct, split_halves
 from cryo_forum.errors import CryoForumError
-from cryo_forum.fsc import fsc
 from cryo_forum.io import star
+from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.io.mrc import read_volume, write_stack
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.reconstruct import FourierAccumulator, backproject, half_maps, reconstruct, split_halves
-from cryo_forum.simulate import write_simulation
-from cryo_forum.volumes import example_map_path, load_volume
+from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.streams.simulation import write_simulation
 
 SIZE = 32
 PIXEL_SIZE = 2.5

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import starfile
 
-from cryo_forum import cli, geometry, resources, simulate
-from cryo_forum.ctf import compute_ctf
+from cryo_forum import cli, geometry, resources
 from cryo_forum.errors import CryoForumError, InvalidSetting
-from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
-from cryo_forum.projection import project
-from cryo_forum.simulate import OUTLIER_KINDS, SimulationSettings, simulate_particles, write_simulation
-from cryo_forum.volumes import example_map_path, example_model_path, load_volume
+from cryo_forum.io.maps import example_map_path, example_model_path, load_volume
+from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.fourier import translate_images
+from cryo_forum.physics.projection import project
+from cryo_forum.streams import simulation
+from cryo_forum.streams.simulation import OUTLIER_KINDS, SimulationSettings, simulate_particles, write_simulation
 
 SIZE = 32
 PIXEL_SIZE = 3.0
@@ -150,14 +151,14 @@ def test_written_files_read_back_as_relion_31(volume, tmp_path):
 
 
 def test_a_failure_while_writing_leaves_nothing(volume, tmp_path, monkeypatch):
-    from cryo_forum import simulate
+    from cryo_forum.streams import simulation
 
     def fail_on_second_chunk(self, index):
         if index[0] > 0:
             raise RuntimeError("disk full")
         return np.zeros((len(index), SIZE, SIZE), np.float32)
 
-    monkeypatch.setattr(simulate.ParticleRenderer, "render", fail_on_second_chunk)
+    monkeypatch.setattr(simulation.ParticleRenderer, "render", fail_on_second_chunk)
     with pytest.raises(RuntimeError):
         write_simulation(tmp_path / "sim", volume, PIXEL_SIZE, 10, chunk_size=4)
     assert list(tmp_path.iterdir()) == []
@@ -235,9 +236,9 @@ def test_cli_bad_options_fail_with_one_line_and_write_nothing(tmp_path, capsys, 
     ],
 )
 def test_cli_refuses_absurd_requests_up_front_with_their_cost(tmp_path, capsys, monkeypatch, change, message):
-    from cryo_forum import volumes
+    from cryo_forum.io import maps
 
-    monkeypatch.setattr(volumes, "load_volume", _must_not_run)  # refused before the map is resampled into the box
+    monkeypatch.setattr(maps, "load_volume", _must_not_run)  # refused before the map is resampled into the box
     monkeypatch.setattr(resources, "available_memory", lambda: 16 * 10**9)
     options = {"--volume": [str(example_map_path())], "--n": ["4"], "--box-size": ["32"]}
     for key, value in zip(change[::2], change[1::2], strict=True):
@@ -275,9 +276,9 @@ def test_library_functions_refuse_what_cannot_fit(volume, tmp_path, monkeypatch)
 
 def test_large_boxes_are_rendered_a_few_images_at_a_time(volume, tmp_path, monkeypatch):
     calls = []
-    render = simulate.ParticleRenderer.render
+    render = simulation.ParticleRenderer.render
     monkeypatch.setattr(
-        simulate.ParticleRenderer, "render", lambda self, index: calls.append(len(index)) or render(self, index)
+        simulation.ParticleRenderer, "render", lambda self, index: calls.append(len(index)) or render(self, index)
     )
     monkeypatch.setattr(resources, "CHUNK_VALUES", 3 * SIZE**2)  # as if the box were large: 3 images per chunk
     options = dict(snr=1.0, outlier_fraction=0.3, seed=9)

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 from cryo_forum import geometry
-from cryo_forum.ctf import compute_ctf
-from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
-from cryo_forum.preprocess import CTF_KEYS
-from cryo_forum.projection import project
-from cryo_forum.simulate import OUTLIER_KINDS, SimulationSettings, simulate_particles
-from cryo_forum.synthetic import KINDS, SyntheticParticles
+from cryo_forum.io.maps import example_map_path, load_volume
+from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.fourier import translate_images
+from cryo_forum.physics.projection import project
+from cryo_forum.streams.preprocess import CTF_KEYS
+from cryo_forum.streams.simulation import OUTLIER_KINDS, SimulationSettings, simulate_particles
+from cryo_forum.streams.synthetic import KINDS, SyntheticParticles
 from cryo_forum.tensorflow_quiet import tf
-from cryo_forum.volumes import example_map_path, load_volume
 
 SIZE = 32
 PIXEL_SIZE = 3.0

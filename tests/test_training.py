@@ -14,9 +14,9 @@ import starfile
 import yaml
 
 from cryo_forum.cli import main
-from cryo_forum.config import TrainingConfig
-from cryo_forum.simulate import write_simulation
-from cryo_forum.volumes import example_map_path, load_volume
+from cryo_forum.io.maps import example_map_path, load_volume
+from cryo_forum.streams.simulation import write_simulation
+from cryo_forum.training.config import TrainingConfig
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1"]
 

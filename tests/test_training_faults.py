@@ -14,11 +14,11 @@ import starfile
 import yaml
 
 from cryo_forum.cli import main
-from cryo_forum.config import TrainingConfig
-from cryo_forum.run import Run
-from cryo_forum.simulate import write_simulation
-from cryo_forum.training import TrainingState
-from cryo_forum.volumes import example_map_path, load_volume
+from cryo_forum.io.maps import example_map_path, load_volume
+from cryo_forum.streams.simulation import write_simulation
+from cryo_forum.training.config import TrainingConfig
+from cryo_forum.training.run import Run
+from cryo_forum.training.trainer import TrainingState
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1"]
 CLI = [sys.executable, "-m", "cryo_forum.cli"]
@@ -85,7 +85,7 @@ def test_kills_at_any_moment_leave_a_run_that_resume_continues(particles, tmp_pa
 
 
 def test_ctrl_c_after_an_epoch_keeps_the_run_and_resume_finishes_it(particles, tmp_path, monkeypatch):
-    from cryo_forum import model as model_module
+    from cryo_forum.model import estimator as model_module
 
     run = tmp_path / "run"
     original = model_module.LossWeightScheduler.on_epoch_begin

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from cryo_forum.uncertainty import (
+from cryo_forum.prediction.uncertainty import (
     SCORES,
     bingham_concentrations,
     bingham_tangent_spread,

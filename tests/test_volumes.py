@@ -8,8 +8,8 @@ import pytest
 from scipy import ndimage
 
 from cryo_forum.errors import CryoForumError, InvalidSetting
+from cryo_forum.io.maps import center_of_mass, example_map_path, example_model_path, load_volume
 from cryo_forum.io.mrc import read_volume, write_volume
-from cryo_forum.volumes import center_of_mass, example_map_path, example_model_path, load_volume
 
 
 def gaussian(shape, centre_zyx, sigma_vox):

@@ -53,7 +53,7 @@ def _resolution(fsc_folder: Path) -> float:
 
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.guard import OutputGuard
-    from cryo_forum.volumes import example_map_path
+    from cryo_forum.io.maps import example_map_path
 
     if args.n < 20 or args.epochs < 1:
         raise CryoForumError("--n must be at least 20 and --epochs at least 1")

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from cryo_forum.errors import CryoForumError
-from cryo_forum.uncertainty import SCORES
+from cryo_forum.prediction.uncertainty import SCORES
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def resolve_metric(args: argparse.Namespace) -> str:
     if args.metric is not None:
         return args.metric
     if args.model is not None:
-        from cryo_forum.calibrate import load_calibration
+        from cryo_forum.prediction.calibration import load_calibration
 
         return load_calibration(args.model).get("default_metric", "dispersion_trace")
     return "dispersion_trace"
@@ -58,7 +58,7 @@ def resolve_threshold(args: argparse.Namespace) -> float | None:
         if args.threshold is not None and not math.isfinite(args.threshold):
             raise CryoForumError(f"--threshold: must be a finite number, got {args.threshold}")
         return args.threshold
-    from cryo_forum.calibrate import load_calibration, threshold_for
+    from cryo_forum.prediction.calibration import load_calibration, threshold_for
 
     return float(threshold_for(load_calibration(args.model), args.metric))
 
@@ -99,7 +99,7 @@ def summary_lines(metrics: dict) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryo_forum.evaluate import METRICS_NAME, PARTICLES_NAME, PLOT_NAMES, evaluate, write_report
+    from cryo_forum.analysis.evaluate import METRICS_NAME, PARTICLES_NAME, PLOT_NAMES, evaluate, write_report
     from cryo_forum.geometry import normalise_symmetry_name
     from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.particles import ParticleSet

@@ -55,10 +55,10 @@ def export_saved_model(model, image_size: int, directory: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.atomic import atomic_directory
     from cryo_forum.io.guard import OutputGuard
-    from cryo_forum.run import CONFIG_NAME, PREPROCESS_NAME
+    from cryo_forum.training.run import CONFIG_NAME, PREPROCESS_NAME
 
     OutputGuard().protect(args.model, "a file of the run").check_folder(args.out)
-    from cryo_forum.training import load_run
+    from cryo_forum.training.trainer import load_run
 
     model, config, _ = load_run(args.model)
     with atomic_directory(args.out) as staging:

@@ -43,7 +43,7 @@ def rejected_path(out: Path) -> Path:
 
 def choose_threshold(args: argparse.Namespace) -> tuple[str, float, str, dict | None]:
     """(metric, threshold, where the threshold came from, calibration or None) from the options alone."""
-    from cryo_forum.calibrate import DEFAULT_METRIC, check_metric, load_calibration, threshold_for
+    from cryo_forum.prediction.calibration import DEFAULT_METRIC, check_metric, load_calibration, threshold_for
 
     if args.quantile is not None and args.model is None:
         raise CryoForumError(
@@ -69,10 +69,10 @@ def choose_threshold(args: argparse.Namespace) -> tuple[str, float, str, dict | 
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryo_forum.calibrate import calibration_fraction_below, scores_from_table
     from cryo_forum.io.atomic import atomic_output
     from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.particles import ParticleSet
+    from cryo_forum.prediction.calibration import calibration_fraction_below, scores_from_table
 
     rejected_out = rejected_path(args.out)
     particles = ParticleSet.open(args.star)

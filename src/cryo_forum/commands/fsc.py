@@ -20,7 +20,7 @@ from cryo_forum.errors import CryoForumError
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from cryo_forum.fsc import THRESHOLDS
+    from cryo_forum.analysis.fsc import THRESHOLDS
 
     parser.add_argument("map1", type=Path, help="first map (.mrc)")
     parser.add_argument("map2", type=Path, help="second map (.mrc), same box and pixel size")
@@ -52,7 +52,7 @@ def _pixel_size(args: argparse.Namespace, first: float, second: float) -> float:
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cryo_forum.fsc import JSON_NAME, PNG_NAME, fsc, resolution_at, write_fsc
+    from cryo_forum.analysis.fsc import JSON_NAME, PNG_NAME, fsc, resolution_at, write_fsc
     from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.mrc import read_volume
 

@@ -44,10 +44,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.guard import OutputGuard
+    from cryo_forum.io.maps import load_volume
     from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.matching import MatchSettings, match_particles, require_match_memory
+    from cryo_forum.prediction.matching import MatchSettings, match_particles, require_match_memory
     from cryo_forum.resources import map_bytes
-    from cryo_forum.volumes import load_volume
 
     settings = MatchSettings(
         coarse_deg=args.coarse,

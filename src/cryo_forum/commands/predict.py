@@ -33,8 +33,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def subset_indices(run: Path, subset: str, particles):
     """Indices of ``subset`` from RUN/split.json (None for all); checks the split belongs to these particles."""
-    from cryo_forum.pipeline import load_split
-    from cryo_forum.run import SPLIT_NAME
+    from cryo_forum.streams.pipeline import load_split
+    from cryo_forum.training.run import SPLIT_NAME
 
     if subset == "all":
         return None
@@ -54,7 +54,7 @@ def subset_indices(run: Path, subset: str, particles):
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cryo_forum.coverage import warn_if_collapsed
+    from cryo_forum.analysis.coverage import warn_if_collapsed
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io import star
     from cryo_forum.io.guard import OutputGuard
@@ -66,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
     OutputGuard().protect_particles(particles).protect(args.model, "a file of the run").check_file(args.out)
     particles.validate()
 
-    from cryo_forum.prediction import predict_particles, preprocessor_for
-    from cryo_forum.training import load_run
+    from cryo_forum.prediction.predict import predict_particles, preprocessor_for
+    from cryo_forum.training.trainer import load_run
 
     model, config, trained_preprocessor = load_run(args.model)
     indices = subset_indices(args.model, args.subset, particles)

@@ -59,13 +59,13 @@ def output_paths(out: Path) -> dict[str, Path]:
 
 def main(args: argparse.Namespace) -> int:
     from cryo_forum import geometry
-    from cryo_forum.coverage import warn_if_collapsed
-    from cryo_forum.fsc import HALF_MAP_THRESHOLD, fsc, resolution_at, write_fsc
+    from cryo_forum.analysis.coverage import warn_if_collapsed
+    from cryo_forum.analysis.fsc import HALF_MAP_THRESHOLD, fsc, resolution_at, write_fsc
+    from cryo_forum.analysis.reconstruct import half_maps, reconstruct
     from cryo_forum.io.atomic import atomic_directory, atomic_output
     from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.mrc import write_volume
     from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.reconstruct import half_maps, reconstruct
 
     try:
         symmetry = geometry.normalise_symmetry_name(args.symmetry)

@@ -96,7 +96,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace):
     """The SimulationSettings of the options, validated (InvalidSetting names the field; the CLI, its option)."""
-    from cryo_forum.simulate import SimulationSettings
+    from cryo_forum.streams.simulation import SimulationSettings
 
     if len(args.bfactor) > 2:
         raise CryoForumError(f"--bfactor: give one value or MIN MAX, got {len(args.bfactor)} values")
@@ -122,8 +122,8 @@ def _settings(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.guard import OutputGuard
-    from cryo_forum.simulate import require_resources, write_simulation
-    from cryo_forum.volumes import load_volume
+    from cryo_forum.io.maps import load_volume
+    from cryo_forum.streams.simulation import require_resources, write_simulation
 
     settings = _settings(args)
     if not args.volume.is_file():

@@ -25,8 +25,8 @@ import logging
 from pathlib import Path
 
 from cryo_forum import choices
-from cryo_forum.config import PATH_SETTINGS, TrainingConfig
 from cryo_forum.errors import CryoForumError
+from cryo_forum.training.config import PATH_SETTINGS, TrainingConfig
 
 log = logging.getLogger("cryo_forum")
 
@@ -158,7 +158,7 @@ def resolve_config(args: argparse.Namespace) -> TrainingConfig:
 def main(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     config.validate()
-    from cryo_forum.training import train
+    from cryo_forum.training.trainer import train
 
     train(config, args.out, resume=args.resume)
     print(f"run written to {args.out}")

@@ -283,7 +283,7 @@ class ParticleSet:
         return np.stack(columns, axis=-1).reshape(len(self), 2)
 
     def ctf_parameters(self) -> dict[str, np.ndarray]:
-        """Per-particle [N] arrays keyed like the arguments of :func:`cryo_forum.ctf.compute_ctf`."""
+        """Per-particle [N] arrays keyed like the arguments of :func:`cryo_forum.physics.ctf.compute_ctf`."""
         required = [star.DEFOCUS_U, star.VOLTAGE, star.CS, star.AMPLITUDE_CONTRAST]
         missing = [column for column in required if column not in self.table]
         if missing:

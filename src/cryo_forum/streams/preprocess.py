@@ -14,7 +14,7 @@ Flipping the already cropped image with the CTF at the cropped box and pixel siz
 (the crop keeps the same physical frequencies) except on an even crop's Nyquist row and column, where
 +-Nyquist share one coefficient and an astigmatic sign(CTF) is ambiguous; flipping first keeps those
 frequencies' own signs. tests/test_preprocess.py checks both. Pixel centre and frequency conventions are
-those of :mod:`cryo_forum.fourier` and :mod:`cryo_forum.ctf`: the image centre is pixel D // 2, the CTF
+those of :mod:`cryo_forum.physics.fourier` and :mod:`cryo_forum.physics.ctf`: the image centre is pixel D // 2, the CTF
 lives on the unshifted FFT grid.
 """
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import CryoForumError
-from cryo_forum.fourier import fourier_crop, fourier_crop_and_filter
+from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.fourier import fourier_crop, fourier_crop_and_filter
 
 CTF_KEYS = (
     "defocus_u",

@@ -58,7 +58,7 @@ def fourier_crop_and_filter(images: np.ndarray, new_size: int, multiplier: np.nd
     """:func:`fourier_crop` with the kept spectrum multiplied by a real filter (e.g. sign(CTF)) on the way.
 
     images [..., D, D]; multiplier [..., new_size, new_size] (broadcasts) on the unshifted FFT grid of the
-    cropped image (``numpy.fft.fftfreq`` order, as :func:`cryo_forum.ctf.compute_ctf` returns it, with the
+    cropped image (``numpy.fft.fftfreq`` order, as :func:`cryo_forum.physics.ctf.compute_ctf` returns it, with the
     cropped pixel size). This equals filtering at the full size with the same filter values at the same
     physical frequencies and cropping afterwards, but evaluates the filter only on the small grid.
     """

@@ -4,7 +4,7 @@ One encoder pass over a batch of B images gives B poses and so B(B-1)/2 pairs fo
 original ran a two-branch Siamese network per pair). The loss is
 ``w_dist * mean |d_pred - d_true| + w_direct * direct pose loss + w_unc * Bingham NLL`` (the last only for the
 qcqp head); w_dist and w_direct are non-trainable variables that :class:`LossWeightScheduler` sets at the start
-of every epoch from a :class:`~cryo_forum.losses.LossSchedule`. Labelled outliers (target ``"outlier" == 1``)
+of every epoch from a :class:`~cryo_forum.model.losses.LossSchedule`. Labelled outliers (target ``"outlier" == 1``)
 take part in no pose loss, but in the Bingham likelihood, where their random poses teach a flat belief.
 Validation reports the mean and median pose error in degrees (symmetric when a point group is set).
 """
@@ -15,10 +15,10 @@ import math
 
 import numpy as np
 
-from cryo_forum.encoders import build_encoder
 from cryo_forum.geometry import normalise_symmetry_name, symmetry_quaternions
-from cryo_forum.heads import build_head
-from cryo_forum.losses import LossSchedule, bingham_nll, pairwise_distance_loss, pose_errors
+from cryo_forum.model.encoders import build_encoder
+from cryo_forum.model.heads import build_head
+from cryo_forum.model.losses import LossSchedule, bingham_nll, pairwise_distance_loss, pose_errors
 from cryo_forum.tensorflow_quiet import keras, tf
 
 
@@ -62,7 +62,7 @@ class OrientationEstimator(keras.Model):
     """Preprocessed particle images [B, S, S, 1] -> {"quaternion": [B, 4], "eigenvalues": [B, 4] (qcqp head)}.
 
     Args:
-        encoder: keyword arguments of :func:`cryo_forum.encoders.build_encoder` (``name``, ``image_size``,
+        encoder: keyword arguments of :func:`cryo_forum.model.encoders.build_encoder` (``name``, ``image_size``,
             ``pooling``, ``lowpass``, ``widths``, ``dropout`` and the encoder's own options).
         head: rotation head name (qcqp, quaternion, 6d, 9d); head_options: its keyword arguments.
         symmetry: point group of the particle; distances and errors are then symmetric.

@@ -3,7 +3,7 @@
 Peretroukhin et al. 2020, "A Smooth Representation of Belief over SO(3) for Deep Rotation Learning with
 Uncertainty": a network predicts a symmetric matrix A; the rotation is the unit quaternion q that minimises
 ``q^T A q``, i.e. the eigenvector of A's smallest eigenvalue, and the eigenvalues describe a Bingham belief
-over SO(3) (see :mod:`cryo_forum.uncertainty`).
+over SO(3) (see :mod:`cryo_forum.prediction.uncertainty`).
 
 The 10 numbers fill A's upper triangle row by row::
 

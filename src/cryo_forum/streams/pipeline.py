@@ -2,7 +2,7 @@
 
 A *RawBatch* (see the estimator's interface notes) is a dict of batched tensors: ``images`` float32 [B, D, D]
 (raw, source box D), ``quaternion`` float32 [B, 4] (pose A as [x, y, z, w], zeros without poses), ``outlier``
-float32 [B], ``ctf`` (dict of float32 [B] keyed by :data:`cryo_forum.preprocess.CTF_KEYS`, only when the particles
+float32 [B], ``ctf`` (dict of float32 [B] keyed by :data:`CTF_KEYS`, only when the particles
 have CTF parameters) and ``index`` int64 [B] (position in the ParticleSet). :func:`particle_batches` reads them
 from the MRC stacks, :func:`cached_batches` from an HDF5 cache of preprocessed images (:func:`open_cache`);
 either way memory stays flat in the stack size: only the per-particle numbers (tens of bytes each) are held.
@@ -10,7 +10,7 @@ either way memory stays flat in the stack size: only the per-particle numbers (t
 and :func:`prediction_batches` streams ``(index, images)`` in particle order for prediction.
 
 In-plane augmentation follows the convention pinned by tests/test_pipeline.py: rotating the image content by
-+alpha (``cryo_forum.fourier.rotate_images(images, +alpha)``) gives the projection at ``A' = Rz(alpha) A``, i.e.
++alpha (``cryo_forum.physics.fourier.rotate_images(images, +alpha)``) gives the projection at ``A' = Rz(alpha) A``, i.e.
 ``q' = q_z(alpha) (x) q`` (psi' = psi - alpha). Shifts move the content and leave the pose alone.
 """
 
@@ -34,12 +34,12 @@ import numpy as np
 from cryo_forum import geometry
 from cryo_forum.choices import AUGMENT_METHODS
 from cryo_forum.errors import CryoForumError, InvalidSetting
-from cryo_forum.fourier import rotate_images, translate_images
 from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_output, refuse_overwriting_inputs
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.preprocess import CTF_KEYS, Preprocessor
+from cryo_forum.physics.fourier import rotate_images, translate_images
 from cryo_forum.progress import progress as progress_bar
+from cryo_forum.streams.preprocess import CTF_KEYS, Preprocessor
 from cryo_forum.tensorflow_quiet import tf
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -534,7 +534,7 @@ class Augmentation:
     preprocessed size in :func:`prepare_for_model`); shifts are periodic with "fourier".
     method: "bilinear" (TF image transform: about 3 ms per batch of 64 at 64 px on this 2-core CPU, but the
     interpolation damps white noise to 0.45 of its variance on average) or "fourier"
-    (:func:`cryo_forum.fourier.rotate_images`: exact, keeps the noise spectrum, but about 45 ms per batch of 64
+    (:func:`cryo_forum.physics.fourier.rotate_images`: exact, keeps the noise spectrum, but about 45 ms per batch of 64
     at 64 px and 14 ms at 32 px, more than a training step). The default is "bilinear" for that reason.
     """
 

@@ -1,6 +1,6 @@
 """Training runs: data, model, optimiser and callbacks from a TrainingConfig, written into a run folder.
 
-The run folder is a :class:`cryo_forum.run.Run` (its files are described there). Options and data are
+The run folder is a :class:`cryo_forum.training.run.Run` (its files are described there). Options and data are
 checked before anything is written; every epoch commits a checkpoint atomically, so an interrupted run
 continues from its last completed epoch with ``resume=True``; the training length is fixed (``epochs``) or
 set by the validation plateau rule of :class:`TrainingState`.
@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from cryo_forum.config import DEFAULT_IMAGE_SIZE, TrainingConfig
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io.atomic import atomic_output
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.losses import LossSchedule
-from cryo_forum.model import LossWeightScheduler, OrientationEstimator
-from cryo_forum.pipeline import (
+from cryo_forum.model.estimator import LossWeightScheduler, OrientationEstimator
+from cryo_forum.model.losses import LossSchedule
+from cryo_forum.streams.pipeline import (
     Augmentation,
     build_cache,
     cached_batches,
@@ -38,9 +37,10 @@ from cryo_forum.pipeline import (
     split_indices,
     stream_errors,
 )
-from cryo_forum.preprocess import Preprocessor
-from cryo_forum.run import CONFIG_NAME, LOGS, MODEL_NAME, SPLIT_NAME, WEIGHTS_NAME, Run
+from cryo_forum.streams.preprocess import Preprocessor
 from cryo_forum.tensorflow_quiet import keras, tf
+from cryo_forum.training.config import DEFAULT_IMAGE_SIZE, TrainingConfig
+from cryo_forum.training.run import CONFIG_NAME, LOGS, MODEL_NAME, SPLIT_NAME, WEIGHTS_NAME, Run
 
 MONITOR = "val_median_error_deg"
 log = logging.getLogger(__name__)
@@ -242,9 +242,9 @@ def particle_data(
 
 def map_data(config: TrainingConfig, run: Run, first_epoch: int) -> TrainingData:
     """Fresh simulated particles for every batch, fixed simulated validation and test sets in RUN/val, RUN/test."""
-    from cryo_forum.simulate import SimulationSettings, write_simulation
-    from cryo_forum.synthetic import SyntheticParticles
-    from cryo_forum.volumes import load_volume
+    from cryo_forum.io.maps import load_volume
+    from cryo_forum.streams.simulation import SimulationSettings, write_simulation
+    from cryo_forum.streams.synthetic import SyntheticParticles
 
     box = config.box_size
     volume, pixel_size = load_volume(config.volume, pixel_size=config.apix, size=box)
@@ -540,9 +540,9 @@ def calibrate_on_validation(run: Path, config: TrainingConfig) -> None:
 
     Thresholds for ``cryo-forum filter`` come from these predictions, never from the set being filtered.
     """
-    from cryo_forum.calibrate import calibrate, pose_errors_deg, save_calibration
     from cryo_forum.io.star import OUTLIER
-    from cryo_forum.prediction import predict_particles
+    from cryo_forum.prediction.calibration import calibrate, pose_errors_deg, save_calibration
+    from cryo_forum.prediction.predict import predict_particles
 
     model, _, preprocessor = load_run(run)
     particles, indices = validation_particles(run, config)

@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 
 from cryo_forum import geometry, resources
-from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.projection import FourierProjector
 from cryo_forum.progress import progress as progress_bar
-from cryo_forum.projection import FourierProjector
 from cryo_forum.tensorflow_quiet import tf
 
 NOISE_SAMPLE = 2000  # particles whose mean power spectrum estimates the noise per shell
@@ -56,7 +56,7 @@ class MatchSettings:
     previous step per stage; ``max_shift_px = 0`` keeps the file's origins. The coarse stage uses frequencies up
     to ``coarse_band / coarse angle`` cycles per box (where a rotation by the grid step still moves a Fourier
     sample by less than about two samples); the local stages use everything below Nyquist. ``oversampling`` is
-    the projector's (see :class:`cryo_forum.projection.FourierProjector`). With a point group other than C1 as
+    the projector's (see :class:`cryo_forum.physics.projection.FourierProjector`). With a point group other than C1 as
     ``symmetry`` the global grid keeps only the rotations in and near the asymmetric unit (:func:`global_grid`):
     about |G| times fewer references. :meth:`validate` states the ranges.
     """

@@ -37,10 +37,10 @@ from typing import NamedTuple
 import numpy as np
 
 from cryo_forum import geometry
-from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.physics.ctf import compute_ctf
 from cryo_forum.progress import progress as progress_bar
 
 WIENER_CONSTANT = 1.0
@@ -90,7 +90,7 @@ class FourierAccumulator:
         ctf: np.ndarray | None = None,
     ) -> None:
         """Add images [n, D, D] taken at poses A [n, 3, 3] with origins [n, 2] (x, y; px) and CTFs [n, D, D//2+1]
-        (on the rfft2 grid, :func:`cryo_forum.ctf.compute_ctf` with ``rfft=True``; None: no CTF)."""
+        (on the rfft2 grid, :func:`cryo_forum.physics.ctf.compute_ctf` with ``rfft=True``; None: no CTF)."""
         images = np.asarray(images, dtype=np.float64)
         spectra = np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))[:, self._rows, self._columns]  # [n, M]
         if shifts_px is not None:

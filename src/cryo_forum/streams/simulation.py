@@ -3,7 +3,7 @@
 A particle image is the Fourier-slice projection of the map at a pose drawn uniformly from SO(3) (optionally
 reduced to the asymmetric unit of a point group), moved so that it appears at ``box centre - origin``
 (``translate_images(projection, -origin_px)``, as RELION's ``rlnOriginX/YAngst`` re-centre it), multiplied in
-Fourier space by the CTF of its defocus U/V/angle (:func:`cryo_forum.ctf.compute_ctf`) and given white
+Fourier space by the CTF of its defocus U/V/angle (:func:`cryo_forum.physics.ctf.compute_ctf`) and given white
 Gaussian noise with ``SNR = var(signal) / var(noise)`` over the box. The noise level is one for the whole
 data set (as a constant dose gives), set from the mean signal variance of 256 pilot particles drawn like the
 real ones, so signal variance varies with orientation as in real data.
@@ -32,15 +32,15 @@ import numpy as np
 import pandas as pd
 
 from cryo_forum import geometry, resources
-from cryo_forum.ctf import compute_ctf
 from cryo_forum.errors import InvalidSetting
-from cryo_forum.fourier import translate_images
 from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_directory, refuse_overwriting_inputs
+from cryo_forum.io.maps import center_of_mass, example_map_path, resample_volume
 from cryo_forum.io.mrc import stack_writer, write_volume
+from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.fourier import translate_images
+from cryo_forum.physics.projection import FourierProjector
 from cryo_forum.progress import progress as progress_bar
-from cryo_forum.projection import FourierProjector
-from cryo_forum.volumes import center_of_mass, example_map_path, resample_volume
 
 OUTLIER_KINDS = ("noise", "decoy", "broken", "off_centre", "ice")
 INLIER_KIND = "none"

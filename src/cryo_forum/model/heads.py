@@ -3,7 +3,7 @@
 Every head returns ``{"quaternion": [B, 4]}`` (unit, [x, y, z, w], w >= 0) and the QCQP head also
 ``"eigenvalues": [B, 4]`` (ascending; its Bingham uncertainty). The quaternion is the RELION matrix A.
 
-* ``"qcqp"``: Dense(10) + :class:`cryo_forum.layers.QCQPLayer` (Peretroukhin et al. 2020).
+* ``"qcqp"``: Dense(10) + :class:`cryo_forum.model.layers.QCQPLayer` (Peretroukhin et al. 2020).
 * ``"quaternion"``: Dense(4), normalised.
 * ``"6d"``: Dense(6) = the first two columns of R, completed by Gram-Schmidt (Zhou et al. 2019).
 * ``"9d"``: Dense(9) = a 3x3 matrix M (row-major), projected onto SO(3) (the special-orthogonal SVD
@@ -16,7 +16,7 @@ conditioned gradient (TensorFlow's SVD gradient and the trace-based matrix-to-qu
 from __future__ import annotations
 
 from cryo_forum.geometry import canonical_quaternion_tf
-from cryo_forum.layers import QCQPLayer, smallest_eigenvector, vector_to_symmetric_matrix
+from cryo_forum.model.layers import QCQPLayer, smallest_eigenvector, vector_to_symmetric_matrix
 from cryo_forum.tensorflow_quiet import keras, tf
 
 

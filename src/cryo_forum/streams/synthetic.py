@@ -1,9 +1,9 @@
 """Training from a map: fresh simulated particles for every batch, generated in TensorFlow inside tf.data.
 
-:class:`SyntheticParticles` draws and renders particles like :mod:`cryo_forum.simulate` (same image model, same
-distributions of pose, defocus, B-factor and shift, the same absolute noise level, the same outlier kinds and the
+:class:`SyntheticParticles` draws and renders particles like :mod:`~cryo_forum.streams.simulation` (same image model,
+same distributions of pose, defocus, B-factor and shift, the same absolute noise level, the same outlier kinds and the
 same decoy and broken maps for a settings seed), so training batches and the fixed validation and test sets a run
-writes with :func:`cryo_forum.simulate.write_simulation` are statistically alike. Differences, all in how draws
+writes with :func:`write_simulation` are statistically alike. Differences, all in how draws
 are made rather than in what is drawn:
 
 * random numbers come from TensorFlow's stateless generators, seeded by ``(seed, batch number)``;
@@ -24,10 +24,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from cryo_forum import geometry
-from cryo_forum.ctf import compute_ctf_tf
-from cryo_forum.preprocess import CTF_KEYS
-from cryo_forum.projection import FourierProjector
-from cryo_forum.simulate import (
+from cryo_forum.physics.ctf import compute_ctf_tf
+from cryo_forum.physics.projection import FourierProjector
+from cryo_forum.streams.preprocess import CTF_KEYS
+from cryo_forum.streams.simulation import (
     INLIER_KIND,
     OUTLIER_KINDS,
     VARIANTS_PER_KIND,

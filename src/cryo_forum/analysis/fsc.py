@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cryo_forum.analysis.plots import save_png
 from cryo_forum.io.atomic import atomic_directory
-from cryo_forum.plots import save_png
 
 HALF_MAP_THRESHOLD = 0.143
 REFERENCE_THRESHOLD = 0.5

@@ -4,7 +4,7 @@ A threshold is calibrated on predictions the model did not train on but whose po
 validation particles) and then applied unchanged to any other set, never recomputed from the set being
 filtered. A particle is kept when its score is at most the threshold (larger score = more uncertain).
 
-``RUN/calibration.json`` holds, for every metric of :data:`cryo_forum.uncertainty.SCORES`, the score
+``RUN/calibration.json`` holds, for every metric of :data:`cryo_forum.prediction.uncertainty.SCORES`, the score
 quantiles at 0.00, 0.01, ..., 1.00 of the calibration set, so ``threshold_for(calibration, metric, 0.8)``
 keeps 80 % of particles that behave like the validation set. When the validation errors are known, each
 metric also gets a recommended threshold (:func:`recommend_threshold`): the largest score at which the
@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryo_forum import geometry, uncertainty
+from cryo_forum import geometry
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_output
+from cryo_forum.prediction import uncertainty
 
 CALIBRATION_NAME = "calibration.json"
 FORMAT = "cryo-forum uncertainty calibration"

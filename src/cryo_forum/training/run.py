@@ -146,7 +146,7 @@ class Run:
             raise CryoForumError(
                 f"{path}: cannot load the model ({type(error).__name__}: {_first_line(error)})"
             ) from None
-        from cryo_forum.model import OrientationEstimator
+        from cryo_forum.model.estimator import OrientationEstimator
 
         if not isinstance(model, OrientationEstimator):
             raise CryoForumError(f"{path}: a Keras model, but not a cryo-forum orientation estimator")
@@ -154,7 +154,7 @@ class Run:
 
     def load_preprocessor(self):
         """The Preprocessor of preprocess.json."""
-        from cryo_forum.preprocess import Preprocessor
+        from cryo_forum.streams.preprocess import Preprocessor
 
         path = self.file(PREPROCESS_NAME)
         try:

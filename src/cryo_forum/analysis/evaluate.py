@@ -11,7 +11,7 @@ rows of A, the viewing directions) and the in-plane error (the twist about z of 
 of tilt alone is all viewing.
 
 The uncertainty score (larger = less sure) comes from the predicted eigenvalues through
-:data:`cryo_forum.uncertainty.SCORES`, or from the matching score column when the eigenvalues are absent.
+:data:`cryo_forum.prediction.uncertainty.SCORES`, or from the matching score column when the eigenvalues are absent.
 With labelled outliers (``cfIsOutlier`` in the truth) the pose errors cover the inliers only and the score's
 power to separate outliers is its AUROC (rank statistic). Particles scoring at or below a threshold are kept.
 """
@@ -27,11 +27,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from cryo_forum import calibrate, geometry, plots
+from cryo_forum import geometry
+from cryo_forum.analysis import plots
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_directory, refuse_overwriting_inputs
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.prediction import calibration
 
 IDENTITY = np.array([0.0, 0.0, 0.0, 1.0])
 _CHUNK = 65536  # particles per block when comparing against every symmetry mate
@@ -184,15 +186,15 @@ def uncertainty_scores(particles: ParticleSet, metric: str = "dispersion_trace")
     """Scores [N] (larger = less sure) of ``metric`` and where they came from; (None, reason) without columns.
 
     The eigenvalue columns are preferred; otherwise the metric's own column (e.g. cfDispersionTrace), as in
-    :func:`cryo_forum.calibrate.scores_from_table`.
+    :func:`cryo_forum.prediction.calibration.scores_from_table`.
     """
-    calibrate.check_metric(metric)
+    calibration.check_metric(metric)
     table = particles.table
-    if not calibrate.available_metrics(table):
+    if not calibration.available_metrics(table):
         return None, f"{particles.source.name} has no uncertainty columns ({', '.join(star.EIGENVALUES)} or cf scores)"
-    scores = calibrate.scores_from_table(table, metric, str(particles.source))
+    scores = calibration.scores_from_table(table, metric, str(particles.source))
     eigenvalues = all(column in table for column in star.EIGENVALUES)
-    source = "cfEigenvalue1-4" if eigenvalues else calibrate.FALLBACK_COLUMNS[metric][0]
+    source = "cfEigenvalue1-4" if eigenvalues else calibration.FALLBACK_COLUMNS[metric][0]
     bad = ~np.isfinite(scores)
     if bad.any():
         raise CryoForumError(

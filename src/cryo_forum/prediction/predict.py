@@ -12,15 +12,15 @@ import logging
 import numpy as np
 import pandas as pd
 
-from cryo_forum import uncertainty
 from cryo_forum.errors import CryoForumError
 from cryo_forum.geometry import quaternion_to_euler
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.model import OrientationEstimator, inference_function
-from cryo_forum.pipeline import prediction_batches, stream_errors
-from cryo_forum.preprocess import Preprocessor
+from cryo_forum.model.estimator import OrientationEstimator, inference_function
+from cryo_forum.prediction import uncertainty
 from cryo_forum.progress import progress as progress_bar
+from cryo_forum.streams.pipeline import prediction_batches, stream_errors
+from cryo_forum.streams.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""What the poses give: reconstruction, FSC, evaluation against the truth, coverage, plots."""

@@ -1,0 +1,1 @@
+"""The network: layers, rotation heads, encoders, losses and the orientation estimator."""

@@ -1,0 +1,1 @@
+"""Poses and uncertainties from a trained network (and from projection matching), calibration."""

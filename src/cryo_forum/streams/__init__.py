@@ -1,0 +1,1 @@
+"""Data streams: splits, preprocessing, augmentation, particle and simulated batches for the model."""

@@ -1,0 +1,1 @@
+"""Training runs: settings, the run folder and the trainer."""
