@@ -113,9 +113,10 @@ def matmul_peak(sizes: list[int], repeats: int) -> dict:
 
 
 def default_config(image_size: int):
-    from cryo_forum.training.config import TrainingConfig
+    from cryo_forum.streams.preprocess import Preprocessor
+    from cryo_forum.training.config import StarData, TrainingConfig
 
-    return TrainingConfig(image_size=image_size)
+    return TrainingConfig(data=StarData(star="unused"), images=Preprocessor(image_size=image_size))
 
 
 def prediction_throughput(image_size: int, batches: int, repeats: int) -> dict:
@@ -203,15 +204,16 @@ def timed_fit(model, dataset, steps: int, repeats: int) -> list[float]:
 
 def in_batch_training(steps: int, repeats: int) -> dict:
     """Pairs/s of OrientationEstimator's train_step: B(B-1)/2 pairs from each batch of B images."""
+    from cryo_forum.streams.batch import ModelBatch, Targets
     from cryo_forum.tensorflow_quiet import tf
     from cryo_forum.training.trainer import build_model, make_optimizer
 
     config = default_config(TRAIN_SIZE)
     model = build_model(config)
-    model.compile(optimizer=make_optimizer(config, steps))
+    model.compile(optimizer=make_optimizer(config.optimisation, steps))
     images = tf.random.normal([TRAIN_BATCH, TRAIN_SIZE, TRAIN_SIZE, 1], seed=1)
-    targets = {"quaternion": random_poses(TRAIN_BATCH, 1), "outlier": np.zeros(TRAIN_BATCH, np.float32)}
-    dataset = tf.data.Dataset.from_tensors((images, targets)).repeat()
+    targets = Targets(quaternion=random_poses(TRAIN_BATCH, 1), outlier=np.zeros(TRAIN_BATCH, np.float32))
+    dataset = tf.data.Dataset.from_tensors(ModelBatch(images, targets)).repeat()
     times = timed_fit(model, dataset, steps, repeats)
     pairs = TRAIN_BATCH * (TRAIN_BATCH - 1) // 2
     return {
@@ -258,7 +260,7 @@ def two_branch_training(steps: int, repeats: int) -> dict:
 
     config = default_config(TRAIN_SIZE)
     model = two_branch_model(TRAIN_SIZE)
-    model.compile(optimizer=make_optimizer(config, steps), loss="mean_absolute_error")
+    model.compile(optimizer=make_optimizer(config.optimisation, steps), loss="mean_absolute_error")
     shape = [TRAIN_BATCH, TRAIN_SIZE, TRAIN_SIZE, 1]
     first, second = tf.random.normal(shape, seed=2), tf.random.normal(shape, seed=3)
     d_true = geodesic_distance(random_poses(TRAIN_BATCH, 2), random_poses(TRAIN_BATCH, 3))[:, None]

@@ -11,6 +11,7 @@ from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.prediction import calibration as cal
 from cryo_forum.prediction.uncertainty import SCORES
+from cryo_forum.training.run import Run
 
 
 def random_eigenvalues(n: int, seed: int, low: float = -1.0, high: float = 4.0) -> np.ndarray:
@@ -76,7 +77,7 @@ def test_missing_values_score_nan_and_bad_tables_name_their_columns():
         cal.scores_from_table(partial, "expected_error_deg", source="p.star")
     with pytest.raises(CryoForumError, match=r"^p\.star: .*cfEigenvalue1.*or cfMaxDispersion"):
         cal.scores_from_table(pd.DataFrame({"rlnImageName": ["1@a"]}), "max_dispersion", source="p.star")
-    with pytest.raises(CryoForumError, match=r"^--metric entropy: unknown metric; choose from dispersion_trace"):
+    with pytest.raises(CryoForumError, match=r"^metric: unknown metric 'entropy'; choose from dispersion_trace"):
         cal.scores_from_table(table, "entropy")
     with pytest.raises(CryoForumError, match=r"^q\.star: non-numeric"):
         cal.scores_from_table(table.assign(cfEigenvalue2="x"), "dispersion_trace", source="q.star")
@@ -97,7 +98,7 @@ def test_a_table_and_its_eigenvalues_calibrate_alike():
     fallback = table_of(eigenvalues).assign(**{star.DISPERSION_TRACE: SCORES["dispersion_trace"](eigenvalues)})
     only_trace = cal.calibrate(fallback.drop(columns=list(star.EIGENVALUES)))
     assert list(only_trace["metrics"]) == ["dispersion_trace"] and only_trace["default_metric"] == "dispersion_trace"
-    with pytest.raises(CryoForumError, match=r"--metric expected_error_deg: not in the calibration"):
+    with pytest.raises(CryoForumError, match=r"metric: 'expected_error_deg' is not in the calibration"):
         cal.threshold_for(only_trace, "expected_error_deg", 0.5)
 
 
@@ -152,11 +153,11 @@ def test_recommended_threshold_on_a_gradual_trend():
 def test_save_and_load_round_trip(tmp_path):
     scores, errors = junk_mixture(100, junk=0.2, seed=7)
     calibration = cal.calibrate(isotropic_eigenvalues(scores), errors, source="validation of run")
-    path = cal.save_calibration(tmp_path / "run", calibration)
+    path = Run(tmp_path / "run").save_calibration(calibration)
     assert path == tmp_path / "run" / "calibration.json" and sorted(p.name for p in path.parent.iterdir()) == [
         "calibration.json"
     ]
-    loaded = cal.load_calibration(tmp_path / "run")
+    loaded = Run(tmp_path / "run").load_calibration()
     assert loaded == json.loads(json.dumps(calibration))
     for q in (None, 0.3, 0.875):
         assert cal.threshold_for(loaded, "expected_error_deg", q) == cal.threshold_for(
@@ -177,7 +178,7 @@ def test_load_errors_name_the_file(tmp_path, content, message):
     if content is not None:
         (tmp_path / "calibration.json").write_text(content)
     with pytest.raises(CryoForumError, match=message):
-        cal.load_calibration(tmp_path)
+        Run(tmp_path).load_calibration()
 
 
 def test_damaged_quantiles_are_refused(tmp_path):
@@ -185,7 +186,7 @@ def test_damaged_quantiles_are_refused(tmp_path):
     calibration["metrics"]["dispersion_trace"]["quantiles"] = [1.0, 2.0]
     (tmp_path / "calibration.json").write_text(json.dumps(calibration))
     with pytest.raises(CryoForumError, match="not a cryo-forum calibration"):
-        cal.load_calibration(tmp_path)
+        Run(tmp_path).load_calibration()
 
 
 def test_threshold_errors():
@@ -193,9 +194,9 @@ def test_threshold_errors():
     with pytest.raises(CryoForumError, match=r"no recommended threshold .* give --quantile or --threshold"):
         cal.threshold_for(without_errors, "dispersion_trace")
     for quantile in (-0.01, 1.5, float("nan")):
-        with pytest.raises(CryoForumError, match=r"^--quantile .*must lie in \[0, 1\]"):
+        with pytest.raises(CryoForumError, match=r"^quantile: must lie in \[0, 1\]"):
             cal.threshold_for(without_errors, "dispersion_trace", quantile)
-    with pytest.raises(CryoForumError, match=r"^--metric bogus: unknown"):
+    with pytest.raises(CryoForumError, match=r"^metric: unknown metric 'bogus'"):
         cal.threshold_for(without_errors, "bogus", 0.5)
     with pytest.raises(ValueError, match="errors_deg must be 30 finite values"):
         cal.calibrate(random_eigenvalues(30, seed=9), errors_deg=np.ones(29))

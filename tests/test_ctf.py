@@ -52,12 +52,22 @@ def test_batched_parameters_and_half_grid():
     np.testing.assert_allclose(half, batch[..., :17])
 
 
-def test_tensorflow_twin_matches_numpy():
+@pytest.mark.parametrize("rfft", [False, True])
+def test_tensorflow_and_numpy_views_agree_to_float32_precision(rfft):
+    """Astigmatic, phase-shifted and B-factor-damped CTFs with phases of hundreds of radians near Nyquist."""
     from cryo_forum.physics.ctf import compute_ctf_tf
 
-    du, dv, angle = np.array([12000.0, 25000.0]), np.array([11000.0, 24000.0]), np.array([10.0, -60.0])
-    expected = compute_ctf(48, 2.5, du, dv, angle, 300.0, 2.7, 0.1, bfactor=40.0, phase_shift=5.0)
-    actual = compute_ctf_tf(
-        48, 2.5, du.astype(np.float32), dv.astype(np.float32), angle.astype(np.float32), 300.0, 2.7, 0.1, 40.0, 5.0
-    )
-    np.testing.assert_allclose(actual.numpy(), expected, atol=2e-3)
+    du = np.array([12000.0, 25000.0, 50000.0, 8000.0])
+    dv = np.array([11000.0, 24000.0, 47000.0, 8000.0])
+    angle, bfactor, shift = np.array([10.0, -60.0, 135.0, 0.0]), np.array([0, 40, 150, 10]), np.array([0, 5, 90, -30])
+    for size, apix, kv, cs, q0 in (
+        (48, 2.5, 300.0, 2.7, 0.1),
+        (64, 1.0, 200.0, 0.01, 0.07),
+        (33, 4.0, 120.0, 2.0, 0.2),
+    ):
+        expected = compute_ctf(size, apix, du, dv, angle, kv, cs, q0, bfactor, shift, rfft=rfft)
+        actual = compute_ctf_tf(
+            size, apix, du.astype(np.float32), dv, angle, kv, cs, q0, bfactor, shift.astype(np.float32), rfft=rfft
+        ).numpy()
+        assert actual.dtype == np.float32 and actual.shape == expected.shape
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=2**-24)  # float32 rounding of values within [-1, 1]

@@ -15,6 +15,7 @@ from cryo_forum.io.particles import ParticleSet
 from cryo_forum.prediction import calibration
 from cryo_forum.prediction.uncertainty import SCORES, dispersion_trace, expected_error_deg
 from cryo_forum.streams.simulation import write_simulation
+from cryo_forum.training.run import Run
 
 N = 40
 
@@ -103,7 +104,7 @@ def test_kept_particles_written_elsewhere_still_find_their_images(simulated, tmp
 def test_quantile_threshold_comes_from_the_calibration_not_the_filtered_set(simulated, tmp_path, capsys):
     validation = eigenvalues(seed=4, n=300)
     run = tmp_path / "run"
-    calibration.save_calibration(run, calibration.calibrate(validation, source="validation"))
+    Run(run).save_calibration(calibration.calibrate(validation, source="validation"))
     expected = np.quantile(expected_error_deg(validation), 0.5)
     thresholds, kept_counts = [], []
     for name, scale in (("pred_sharp.star", 3.0), ("pred_flat.star", 0.05)):
@@ -113,7 +114,7 @@ def test_quantile_threshold_comes_from_the_calibration_not_the_filtered_set(simu
         assert run_filter("--star", source, "--out", out, "--model", run, "--quantile", 0.5) == 0
         printed = capsys.readouterr().out
         thresholds.append(printed_threshold(printed))
-        assert "calibration.json (300 calibration particles, quantile 0.5)" in printed
+        assert "(300 calibration particles, quantile 0.5)" in printed
         keep = expected_error_deg(values) <= expected
         kept_counts.append(int(keep.sum()))
         kept_names = starfile.read(out)["particles"][star.IMAGE_NAME].str.partition("@")[0].tolist()
@@ -130,7 +131,7 @@ def test_recommended_threshold_and_other_metrics_from_the_calibration(simulated,
     errors = np.where(scores < 40, 0.5 * scores, rng.uniform(60, 180, 200))  # junk beyond 40 degrees
     run = tmp_path / "run"
     stored = calibration.calibrate(validation, errors, source="validation")
-    calibration.save_calibration(run, stored)
+    Run(run).save_calibration(stored)
     values = eigenvalues(seed=8)
     source = predicted_star(simulated, "pred_c.star", values)
     assert run_filter("--star", source, "--out", tmp_path / "rec.star", "--model", run) == 0
@@ -184,16 +185,16 @@ def test_every_particle_rejected_or_kept_still_writes_both_files(simulated, tmp_
     ("options", "message"),
     [
         (["--star", "{raw}", "--threshold", "10"], r"particles\.star: metric expected_error_deg needs the columns"),
-        (["--metric", "bogus", "--threshold", "1"], r"--metric bogus: unknown metric"),
-        (["--model", "{run}", "--quantile", "1.5"], r"--quantile 1\.5: must lie in \[0, 1\]"),
-        (["--model", "{run}", "--quantile", "-0.1"], r"--quantile -0\.1: must lie in \[0, 1\]"),
+        (["--metric", "bogus", "--threshold", "1"], r"--metric: unknown metric 'bogus'"),
+        (["--model", "{run}", "--quantile", "1.5"], r"--quantile: must lie in \[0, 1\].*got 1\.5"),
+        (["--model", "{run}", "--quantile", "-0.1"], r"--quantile: must lie in \[0, 1\].*got -0\.1"),
         (["--quantile", "0.5"], r"--quantile: needs --model RUN.*never taken on the set being filtered"),
         ([], r"--threshold: give --threshold X, or --model RUN"),
         (["--threshold", "nan"], r"--threshold nan: must be a finite number"),
         (["--model", "{empty}"], r"empty/calibration\.json: not found"),
         (["--model", "{corrupt}"], r"corrupt/calibration\.json: cannot read"),
         (["--model", "{run}"], r"no recommended threshold .*give --quantile or --threshold"),
-        (["--model", "{run}", "--metric", "bogus", "--quantile", "0.5"], r"--metric bogus: unknown metric"),
+        (["--model", "{run}", "--metric", "bogus", "--quantile", "0.5"], r"--metric: unknown metric 'bogus'"),
         (["--star", "{folder}/missing.star", "--threshold", "1"], r"missing\.star: STAR file not found"),
         (["--out", "{pred}", "--threshold", "1"], r"pred\.star: refusing to overwrite an input"),
         (["--star", "{clash}", "--out", "{folder}/clash.star", "--threshold", "1"], r"refusing to overwrite an input"),
@@ -207,7 +208,7 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(simulated, tmp_path, c
     shutil.copy(pred, folder / "clash.rejected.star")
     for name in ("run", "empty", "corrupt"):
         (tmp_path / name).mkdir()
-    calibration.save_calibration(tmp_path / "run", calibration.calibrate(eigenvalues(seed=12)))
+    Run(tmp_path / "run").save_calibration(calibration.calibrate(eigenvalues(seed=12)))
     (tmp_path / "corrupt" / "calibration.json").write_text("{")
     places = {
         "raw": simulated / "particles.star",

@@ -31,11 +31,12 @@ def test_rotation_code_never_imports_tensorflow_addons():
         import numpy as np
         from cryo_forum import geometry
         from cryo_forum.training.trainer import build_model
-        from cryo_forum.training.config import TrainingConfig
+        from cryo_forum.streams.preprocess import Preprocessor
+        from cryo_forum.training.config import ModelSettings, StarData, TrainingConfig
         q = geometry.random_quaternions(4, 0).astype(np.float32)
-        geometry.quaternion_to_matrix_tf(q); geometry.matrix_to_quaternion_tf(geometry.quaternion_to_matrix(q))
+        geometry.quaternion_to_matrix_tf(q)
         geometry.quaternion_multiply_tf(q, q)
-        build_model(TrainingConfig(star="x", image_size=32, widths=[8]))
+        build_model(TrainingConfig(StarData("x"), Preprocessor(image_size=32), ModelSettings(widths=[8])))
         print(sorted(name for name in sys.modules if name.startswith("tensorflow_addons")))
         """
     )

@@ -112,7 +112,7 @@ def _keras_model_with(layer_kind, path):
         ("truncated", "not a Keras model file"),
         ("foreign", "not a cryo-forum orientation estimator"),
         ("lambda", "Lambda layer"),
-        ("no_preprocess", "preprocess.json: missing"),
+        ("no_config", "not a cryo-forum run folder"),
         ("no_model", "no model.keras"),
     ],
 )
@@ -122,7 +122,7 @@ def test_damaged_run_folders_fail_in_one_line(particles, run, tmp_path, capsys, 
         "truncated": lambda folder: (folder / "model.keras").write_bytes((run / "model.keras").read_bytes()[:17000]),
         "foreign": lambda folder: _keras_model_with("dense", folder / "model.keras"),
         "lambda": lambda folder: _keras_model_with("lambda", folder / "model.keras"),
-        "no_preprocess": lambda folder: (folder / "preprocess.json").unlink(),
+        "no_config": lambda folder: (folder / "config.yaml").unlink(),
         "no_model": lambda folder: (folder / "model.keras").unlink(),
     }
     damaged = _damage(run, tmp_path, kind, actions[kind])

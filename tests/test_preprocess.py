@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-import yaml
 
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.physics.ctf import compute_ctf
 from cryo_forum.streams.preprocess import (
     Preprocessor,
@@ -186,27 +185,32 @@ def test_preprocessor_composes_the_steps_in_order():
 
 def test_preprocessor_without_mask_gives_a_unit_background():
     images = np.random.default_rng(4).normal(5.0, 3.0, (3, 48, 48))
-    pre = Preprocessor(image_size=24, pixel_size_in=1.0, input_size=48, background_radius=0.7)
+    pre = Preprocessor(image_size=24, pixel_size_in=1.0, input_size=48, background_radius=0.7, mask_radius=None)
     out = pre(images, ctf_params={"ignored": "without phase_flip"})
     outside = radius_grid(24) > 0.7 * 12
     np.testing.assert_allclose(out[:, outside].mean(axis=1), 0.0, atol=1e-5)
     np.testing.assert_allclose(out[:, outside].std(axis=1), 1.0, atol=1e-5)
-    raw = Preprocessor(image_size=48, pixel_size_in=1.0, input_size=48, normalise=False)
+    raw = Preprocessor(image_size=48, pixel_size_in=1.0, input_size=48, normalise=False, mask_radius=None)
     np.testing.assert_allclose(raw(images), images, atol=1e-5)
 
 
-def test_preprocessor_round_trips_through_yaml():
-    pre = Preprocessor(image_size=np.int64(64), pixel_size_in=np.float64(1.34), input_size=200, mask_radius=0.9)
-    stored = yaml.safe_load(yaml.safe_dump({"preprocess": pre.to_dict()}))["preprocess"]
-    assert Preprocessor.from_dict(stored) == pre
-    assert stored["phase_flip"] is False and stored["mask_radius"] == 0.9 and stored["image_size"] == 64
+def test_preprocessor_is_completed_from_the_data():
+    pre = Preprocessor(mask_radius=0.8)
+    assert not pre.is_resolved
+    with pytest.raises(CryoForumError, match="does not know the images"):
+        pre(np.zeros((1, 32, 32)))
+    assert pre.resolved(1.5, 200).image_size == 64 and pre.resolved(1.5, 48).image_size == 48
+    done = Preprocessor(image_size=32).resolved(1.5, 200)
+    assert (done.image_size, done.input_size, done.pixel_size_in, done.mask_radius) == (32, 200, 1.5, 0.9)
+    with pytest.raises(InvalidSetting, match="at most the particles' box of 24 px"):
+        Preprocessor(image_size=32).resolved(1.5, 24)
 
 
 @pytest.mark.parametrize(
     "images, message",
     [
         (np.full((2, 32, 32), np.nan), "NaN or infinite"),
-        (np.zeros((2, 30, 30)), "30 px but preprocess.input_size is 32"),
+        (np.zeros((2, 30, 30)), "30 px but the preprocessing expects 32 px"),
         (np.zeros((2, 32, 31)), "square images"),
         (np.zeros((32, 32)), "square images"),
     ],
@@ -217,14 +221,14 @@ def test_preprocessor_refuses_bad_images(images, message):
 
 
 def test_preprocessor_refuses_phase_flip_without_ctf():
-    with pytest.raises(CryoForumError, match="phase_flip"):
+    with pytest.raises(CryoForumError, match="phase flipping needs CTF parameters"):
         Preprocessor(image_size=16, pixel_size_in=1.0, input_size=32, phase_flip=True)(np.zeros((1, 32, 32)))
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"image_size": 64}, "image_size must be an integer between 1 and the input box 32"),
+        ({"image_size": 64}, "image_size: must be at most the particles' box of 32 px"),
         ({"image_size": 16.0}, "image_size"),
         ({"pixel_size_in": 0.0}, "pixel_size_in"),
         ({"pixel_size_in": "1.0"}, "pixel_size_in"),
@@ -237,8 +241,3 @@ def test_preprocessor_refuses_phase_flip_without_ctf():
 def test_preprocessor_refuses_bad_options(options, message):
     with pytest.raises(CryoForumError, match=message):
         Preprocessor(**{"image_size": 16, "pixel_size_in": 1.0, "input_size": 32, **options})
-
-
-def test_from_dict_names_unknown_and_missing_options():
-    with pytest.raises(CryoForumError, match="unknown options \\['size'\\], missing options \\['image_size'\\]"):
-        Preprocessor.from_dict({"size": 16, "pixel_size_in": 1.0, "input_size": 32})

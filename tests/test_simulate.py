@@ -5,6 +5,7 @@ import re
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 
@@ -12,11 +13,19 @@ from cryo_forum import cli, geometry, resources
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.io.maps import example_map_path, example_model_path, load_volume
+from cryo_forum.io.mrc import read_volume
 from cryo_forum.physics.ctf import compute_ctf
 from cryo_forum.physics.fourier import translate_images
 from cryo_forum.physics.projection import project
 from cryo_forum.streams import simulation
-from cryo_forum.streams.simulation import OUTLIER_KINDS, SimulationSettings, simulate_particles, write_simulation
+from cryo_forum.streams.preprocess import CTF_KEYS
+from cryo_forum.streams.simulation import (
+    OUTLIER_KINDS,
+    SimulationSettings,
+    simulate_particles,
+    simulated_batches,
+    write_simulation,
+)
 
 SIZE = 32
 PIXEL_SIZE = 3.0
@@ -89,16 +98,17 @@ def test_snr_measured_on_the_output_matches_the_request(volume):
 
 
 def test_outliers_are_labelled_in_the_requested_fraction_and_differ_from_particles(volume):
-    n = 60
+    n = 200
     reference, _, _ = simulate_particles(volume, PIXEL_SIZE, n, seed=4)
     images, _, particles = simulate_particles(volume, PIXEL_SIZE, n, outlier_fraction=0.25, seed=4)
     labels = particles[star.OUTLIER].to_numpy()
     kinds = particles[star.OUTLIER_KIND].to_numpy()
-    assert labels.sum() == 15 and set(np.unique(labels)) == {0, 1}
+    assert set(np.unique(labels)) == {0, 1}
+    assert labels.mean() == pytest.approx(0.25, abs=0.1)  # each particle an outlier with probability 0.25: 3 sigma
     assert set(kinds[labels == 1]) == set(OUTLIER_KINDS)
-    assert all((kinds[labels == 1] == kind).sum() == 3 for kind in OUTLIER_KINDS)
     assert set(kinds[labels == 0]) == {"none"}
-    np.testing.assert_array_equal(images[labels == 0], reference[labels == 0])  # same poses, same particles
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(images[labels == 0], reference[labels == 0], atol=1e-6 * scale)  # same particles
     for i in np.flatnonzero(labels):
         correlation = np.corrcoef(images[i].ravel(), reference[i].ravel())[0, 1]
         assert correlation < 0.95, (kinds[i], correlation)  # a broken particle seen along its cut looks alike
@@ -124,6 +134,9 @@ def test_a_seed_reproduces_everything_and_chunks_do_not_matter(volume, tmp_path)
     assert first.particles.equals(second.particles)
     other = simulate_particles(volume, PIXEL_SIZE, 20, **{**options, "seed": 7})
     assert not np.allclose(first.images, other.images)
+    fewer = simulate_particles(volume, PIXEL_SIZE, 6, **options)  # particle i does not depend on n
+    np.testing.assert_allclose(fewer.images, first.images[:6], atol=1e-6 * np.abs(first.images).max())
+    pd.testing.assert_frame_equal(fewer.particles, first.particles.iloc[:6], rtol=1e-6)  # float32 rounding
     write_simulation(tmp_path / "sim", volume, PIXEL_SIZE, 20, chunk_size=7, **options)
     with mrcfile.open(tmp_path / "sim" / "particles.mrcs") as mrc:
         np.testing.assert_allclose(mrc.data, first.images, atol=1e-5 * np.abs(first.images).max())
@@ -142,7 +155,8 @@ def test_written_files_read_back_as_relion_31(volume, tmp_path):
     assert optics[star.IMAGE_PIXEL_SIZE][0] == PIXEL_SIZE
     assert particles[star.IMAGE_NAME].tolist() == [f"{i:06d}@particles.mrcs" for i in range(1, 11)]
     np.testing.assert_allclose(particles[list(star.ANGLES)], sim.particles[list(star.ANGLES)], atol=1e-5)
-    assert particles[star.OUTLIER].sum() == 2
+    np.testing.assert_array_equal(particles[star.OUTLIER_KIND], sim.particles[star.OUTLIER_KIND])
+    np.testing.assert_array_equal(particles[star.OUTLIER], particles[star.OUTLIER_KIND] != "none")
     with mrcfile.open(out / "volume.mrc") as mrc:
         np.testing.assert_allclose(mrc.data, volume, rtol=1e-6)
         assert mrc.voxel_size.x == pytest.approx(PIXEL_SIZE)
@@ -151,12 +165,12 @@ def test_written_files_read_back_as_relion_31(volume, tmp_path):
 
 
 def test_a_failure_while_writing_leaves_nothing(volume, tmp_path, monkeypatch):
-    from cryo_forum.streams import simulation
+    render = simulation.ParticleRenderer.render
 
-    def fail_on_second_chunk(self, index):
+    def fail_on_second_chunk(self, index, seed):
         if index[0] > 0:
             raise RuntimeError("disk full")
-        return np.zeros((len(index), SIZE, SIZE), np.float32)
+        return render(self, index, seed)
 
     monkeypatch.setattr(simulation.ParticleRenderer, "render", fail_on_second_chunk)
     with pytest.raises(RuntimeError):
@@ -183,7 +197,10 @@ def test_cli_writes_exactly_the_three_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["particles.mrcs", "particles.star", "volume.mrc"]
     blocks = starfile.read(out / "particles.star", always_dict=True)
     assert blocks["optics"][star.IMAGE_SIZE][0] == 32 and blocks["optics"][star.IMAGE_PIXEL_SIZE][0] == 3.0
-    assert len(blocks["particles"]) == 12 and blocks["particles"][star.OUTLIER].sum() == 3
+    assert len(blocks["particles"]) == 12 and blocks["particles"][star.OUTLIER].sum() > 0
+    kinds = blocks["particles"][star.OUTLIER_KIND]
+    np.testing.assert_array_equal(blocks["particles"][star.OUTLIER], kinds != "none")
+    assert set(kinds) <= {"none", *OUTLIER_KINDS}
     assert blocks["particles"][star.DEFOCUS_V].min() >= 8000 - 500
 
 
@@ -195,6 +212,44 @@ def test_cli_model_input_gives_the_same_map_as_the_shipped_example(tmp_path):
     assert star.DEFOCUS_U not in blocks["particles"]  # --no-ctf
     with mrcfile.open(tmp_path / "model" / "volume.mrc") as a, mrcfile.open(tmp_path / "map" / "volume.mrc") as b:
         assert np.corrcoef(a.data.ravel(), b.data.ravel())[0, 1] > 0.98
+
+
+def test_the_command_and_the_training_stream_give_particle_i_the_same_image(tmp_path):
+    """`cryo-forum simulate --seed S` writes particle i as batch i // B of simulated_batches(seed=S) shows it, for
+    particles and for every outlier kind, with the same pose, label and CTF."""
+    out, seed, n, batch_size = tmp_path / "sim", 5, 40, 8
+    argv = ["simulate", "--volume", str(example_map_path()), "--n", str(n), "--box-size", "32", "--apix", "3"]
+    argv += ["--snr", "0.5", "--outliers", "0.6", "--max-shift", "2", "--bfactor", "0", "80", "--seed", str(seed)]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    particles = starfile.read(out / "particles.star", always_dict=True)["particles"]
+    kinds = particles[star.OUTLIER_KIND].to_numpy()
+    assert set(kinds) == {"none", *OUTLIER_KINDS}
+    with mrcfile.open(out / "particles.mrcs") as mrc:
+        written = mrc.data.copy()
+    volume, pixel_size = read_volume(out / "volume.mrc")
+    settings = SimulationSettings(
+        n=1, snr=0.5, outlier_fraction=0.6, shift_px=2.0, bfactor=(0.0, 80.0), seed=seed
+    )  # n does not matter
+    stream = simulated_batches(volume, pixel_size, settings, batch_size, seed=seed, start=1)
+    batches = list(stream.take(n // batch_size - 1).as_numpy_iterator())
+    index = np.concatenate([batch.index for batch in batches])
+    np.testing.assert_array_equal(index, np.arange(batch_size, n))
+    images = np.concatenate([batch.images for batch in batches])
+    for kind in ("none", *OUTLIER_KINDS):
+        rows = index[kinds[index] == kind]
+        assert len(rows), kind
+        np.testing.assert_allclose(images[rows - batch_size], written[rows], atol=1e-5 * np.abs(written).max())
+    outlier = np.concatenate([batch.outlier for batch in batches])
+    np.testing.assert_array_equal(outlier, particles[star.OUTLIER].to_numpy()[index])
+    quaternions = np.concatenate([batch.quaternion for batch in batches])
+    distance = geometry.geodesic_distance(quaternions, true_quaternions(particles)[index])
+    assert distance.max() < 1e-3
+    defocus = np.concatenate([batch.ctf[:, CTF_KEYS.index("defocus_u")] for batch in batches])
+    origins = np.concatenate([batch.origin for batch in batches])
+    np.testing.assert_allclose(
+        origins * pixel_size, particles[[star.ORIGIN_X_ANGST, star.ORIGIN_Y_ANGST]].to_numpy()[index], atol=1e-4
+    )
+    np.testing.assert_allclose(defocus, particles[star.DEFOCUS_U].to_numpy()[index], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -277,13 +332,16 @@ def test_library_functions_refuse_what_cannot_fit(volume, tmp_path, monkeypatch)
 def test_large_boxes_are_rendered_a_few_images_at_a_time(volume, tmp_path, monkeypatch):
     calls = []
     render = simulation.ParticleRenderer.render
-    monkeypatch.setattr(
-        simulation.ParticleRenderer, "render", lambda self, index: calls.append(len(index)) or render(self, index)
-    )
+
+    def counted(self, index, seed):
+        calls.append(list(index))
+        return render(self, index, seed)
+
+    monkeypatch.setattr(simulation.ParticleRenderer, "render", counted)
     monkeypatch.setattr(resources, "CHUNK_VALUES", 3 * SIZE**2)  # as if the box were large: 3 images per chunk
     options = dict(snr=1.0, outlier_fraction=0.3, seed=9)
     write_simulation(tmp_path / "sim", volume, PIXEL_SIZE, 10, chunk_size=256, **options)
-    assert calls == [3, 3, 3, 1]
+    assert calls == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]  # one shape: the last chunk rendered whole
     monkeypatch.undo()
     reference = simulate_particles(volume, PIXEL_SIZE, 10, **options).images
     with mrcfile.open(tmp_path / "sim" / "particles.mrcs") as mrc:

@@ -1,5 +1,6 @@
 """cryo-forum train / predict / export end to end on tiny data sets (32 px, short runs)."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import yaml
 from cryo_forum.cli import main
 from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.streams.simulation import write_simulation
-from cryo_forum.training.config import TrainingConfig
+from cryo_forum.training.config import StarData, TrainingConfig
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1"]
 
@@ -37,12 +38,16 @@ def trained_run(particles, tmp_path_factory):
 
 
 def test_train_writes_a_complete_run(trained_run):
-    for name in ("model.keras", "config.yaml", "split.json", "history.csv", "preprocess.json"):
+    for name in ("model.keras", "config.yaml", "split.json", "history.csv", "calibration.json"):
         assert (trained_run / name).is_file(), name
     assert any((trained_run / "logs").rglob("events.out.tfevents.*"))
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
-    assert set(config) == {field for field in TrainingConfig().to_dict()}
-    assert config["image_size"] == 32 and config["widths"] == [8, 16] and config["head"] == "qcqp"
+    sections = {"mode", "data", "images", "model", "loss", "optimisation", "augmentation", "symmetry", "seed"}
+    assert set(config) == sections
+    assert config["mode"] == "star" and set(config["data"]) == {field.name for field in dataclasses.fields(StarData)}
+    assert config["images"]["image_size"] == 32 and config["images"]["input_size"] == 32
+    assert config["model"]["widths"] == [8, 16] and config["model"]["head"] == "qcqp"
+    assert TrainingConfig.load(trained_run / "config.yaml").to_dict() == config
     history = pd.read_csv(trained_run / "history.csv")
     assert list(history["epoch"]) == [0, 1]
     assert np.isfinite(history[["loss", "val_median_error_deg", "val_mean_error_deg"]].to_numpy()).all()
@@ -110,7 +115,7 @@ def test_export_reloads_without_cryo_forum_and_matches_keras(trained_run, tmp_pa
     expected = model(images, training=False)
     np.testing.assert_allclose(np.load(tmp_path / "q.npy"), expected["quaternion"].numpy(), atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), expected["eigenvalues"].numpy(), atol=1e-5)
-    assert yaml.safe_load((exported / "config.yaml").read_text())["image_size"] == 32
+    assert json.loads((exported / "preprocess.json").read_text())["image_size"] == 32
 
 
 def test_training_from_a_map_draws_fresh_particles_and_keeps_fixed_sets(tmp_path):

@@ -16,9 +16,9 @@ import yaml
 from cryo_forum.cli import main
 from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.streams.simulation import write_simulation
-from cryo_forum.training.config import TrainingConfig
+from cryo_forum.training.callbacks import TrainingState
+from cryo_forum.training.config import LossSchedule, Optimisation, StarData, TrainingConfig
 from cryo_forum.training.run import Run
-from cryo_forum.training.trainer import TrainingState
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1"]
 CLI = [sys.executable, "-m", "cryo_forum.cli"]
@@ -85,7 +85,7 @@ def test_kills_at_any_moment_leave_a_run_that_resume_continues(particles, tmp_pa
 
 
 def test_ctrl_c_after_an_epoch_keeps_the_run_and_resume_finishes_it(particles, tmp_path, monkeypatch):
-    from cryo_forum.model import estimator as model_module
+    from cryo_forum.training import callbacks as model_module
 
     run = tmp_path / "run"
     original = model_module.LossWeightScheduler.on_epoch_begin
@@ -135,7 +135,7 @@ def test_resume_with_the_same_options_is_accepted_and_changed_ones_are_named(par
     relative = os.path.relpath(particles)
     argv = ["train", "--star", relative, "--out", str(run), "--epochs", "1", *TINY]
     assert main(argv) == 0
-    assert yaml.safe_load((run / "config.yaml").read_text())["star"] == str(particles.resolve())
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["star"] == str(particles.resolve())
     assert main([*argv, "--resume", "--epochs", "2"]) == 0
     capsys.readouterr()
     assert main([*argv, "--resume", "--head", "6d", "--seed", "2"]) == 1
@@ -215,7 +215,7 @@ def test_defaults_fit_a_small_box_and_results_go_to_stdout(particles, tmp_path):
     assert out.strip() == f"run written to {run}"
     assert "epoch 1/1" in err and "\r" not in err
     config = TrainingConfig.load(run / "config.yaml")
-    assert config.image_size == 32  # the 32 px box, not the 64 px default that does not fit
+    assert config.images.image_size == 32  # the 32 px box, not the 64 px default that does not fit
 
 
 def test_default_length_stops_at_a_validation_plateau(particles, tmp_path, capsys):
@@ -229,7 +229,11 @@ def test_default_length_stops_at_a_validation_plateau(particles, tmp_path, capsy
 
 
 def _state(values, patience=2, **settings):
-    config = TrainingConfig(star="x.star", patience=patience, loss_schedule="constant", **settings)
+    config = TrainingConfig(
+        data=StarData(star="x.star"),
+        loss=LossSchedule(kind="constant"),
+        optimisation=Optimisation(patience=patience, **settings),
+    )
     rule = TrainingState(config, Run("unused"), steps_per_epoch=1, state={})
     return [rule._stopping_rule(epoch, value) for epoch, value in enumerate(values)], rule.state
 

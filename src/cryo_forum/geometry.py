@@ -355,25 +355,11 @@ def quaternion_multiply_tf(q1, q2):
     return tfg_quaternion.multiply(q1, q2)
 
 
-def quaternion_conjugate_tf(quaternions):
-    """TensorFlow inverse of unit quaternions [..., 4] (tensorflow-graphics)."""
-    from tensorflow_graphics.geometry.transformation import quaternion as tfg_quaternion
-
-    return tfg_quaternion.conjugate(quaternions)
-
-
 def quaternion_to_matrix_tf(quaternions):
     """TensorFlow quaternions [..., 4] -> rotation matrices [..., 3, 3] (tensorflow-graphics)."""
     from tensorflow_graphics.geometry.transformation import rotation_matrix_3d
 
     return rotation_matrix_3d.from_quaternion(quaternions)
-
-
-def matrix_to_quaternion_tf(matrices):
-    """TensorFlow rotation matrices [..., 3, 3] -> canonical quaternions [..., 4] (tensorflow-graphics)."""
-    from tensorflow_graphics.geometry.transformation import quaternion as tfg_quaternion
-
-    return canonical_quaternion_tf(tfg_quaternion.from_rotation_matrix(matrices))
 
 
 def geodesic_distance_tf(q1, q2, epsilon: float = 1e-7):

@@ -19,8 +19,8 @@ from cryo_forum.errors import InvalidSetting
 
 CHUNK_VALUES = 2**22  # values per chunk of chunked work (interpolated points, candidate slices, pixels)
 PROJECTION_POINTS = 2**20  # spectrum points read per call when projecting whole images (~110 bytes each)
-RENDER_BYTES_PER_PIXEL = 80  # simulating one image: its projection, shift, CTF and noise (64 measured)
-CANVAS_BYTES_PER_PIXEL = 200  # more for an off-centre particle or ice, drawn on a canvas twice as wide (180)
+RENDER_BYTES_PER_PIXEL = 100  # simulating one image: its slice, shift, CTF and noise (65-95 measured, TensorFlow)
+CANVAS_BYTES_PER_PIXEL = 200  # more for an off-centre particle or ice, drawn on a canvas twice as wide (140)
 PARTICLE_BYTES_PER_PIXEL = 64  # matching one particle: its image, spectrum and CTF
 TABLE_BYTES_PER_PARTICLE = 400  # a simulated particle's row: draws, STAR columns and image name
 STAR_BYTES_PER_PARTICLE = 300  # a particle's line in a STAR file
@@ -88,10 +88,11 @@ def require_disk(setting: str, needed: int, path: str | os.PathLike, subject: st
 
 
 def projector_bytes(size: int, oversampling: int = 2) -> int:
-    """A FourierProjector of a D px map: its (oversampling D)^3 complex64 spectrum, and while it is built, a slab
-    of oversampling D x D x D complex64 values, a chunk of planes and two float32 copies of the map."""
+    """A FourierProjector of a D px map: its (oversampling D + 2)^3 complex64 spectrum table, and while it is
+    built, a slab of oversampling D x D x D complex64 values, a chunk of planes with its reordered copy and two
+    float32 copies of the map."""
     padded = oversampling * size
-    return 8 * padded**3 + 8 * padded * size**2 + 8 * CHUNK_VALUES + 8 * size**3
+    return 8 * (padded + 2) ** 3 + 8 * padded * size**2 + 16 * CHUNK_VALUES + 8 * size**3
 
 
 def map_bytes(size: int) -> int:
@@ -111,10 +112,10 @@ def outlier_map_bytes(size: int) -> int:
 
 
 def render_bytes(size: int, images: int, canvas_fraction: float = 0.0) -> int:
-    """Rendering ``images`` particles of D px at once, ``canvas_fraction`` of them on the wider canvas, and the
-    projector's temporaries (about 110 bytes per spectrum point read, PROJECTION_POINTS at a time)."""
+    """Rendering ``images`` particles of D px at once (their slices read in one go), ``canvas_fraction`` of them
+    on the wider canvas."""
     per_pixel = RENDER_BYTES_PER_PIXEL + canvas_fraction * CANVAS_BYTES_PER_PIXEL
-    return math.ceil(images * size**2 * per_pixel) + 128 * PROJECTION_POINTS
+    return math.ceil(images * size**2 * per_pixel)
 
 
 def stack_bytes(n: int, size: int) -> int:

@@ -34,6 +34,7 @@ from cryo_forum.io import star
 from cryo_forum.io.atomic import atomic_directory, refuse_overwriting_inputs
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.prediction import calibration
+from cryo_forum.prediction.uncertainty import DEFAULT_METRIC
 
 IDENTITY = np.array([0.0, 0.0, 0.0, 1.0])
 _CHUNK = 65536  # particles per block when comparing against every symmetry mate
@@ -93,7 +94,7 @@ def particle_keys(particles: ParticleSet) -> pd.DataFrame:
     return keys
 
 
-def match_particles(pred: ParticleSet, truth: ParticleSet) -> Matching:
+def pair_by_image_name(pred: ParticleSet, truth: ParticleSet) -> Matching:
     """Pair the particles of two sets by image: (index, absolute stack), then (index, stack file name)."""
     pred_keys, truth_keys = particle_keys(pred), particle_keys(truth)
     exact = pred_keys.merge(truth_keys, on=["index", "path"], suffixes=("_pred", "_truth"))
@@ -182,7 +183,7 @@ def _subset(errors: PoseErrors, mask: np.ndarray) -> PoseErrors:
 # ---------------------------------------------------------------- uncertainty
 
 
-def uncertainty_scores(particles: ParticleSet, metric: str = "dispersion_trace") -> tuple[np.ndarray | None, str]:
+def uncertainty_scores(particles: ParticleSet, metric: str = DEFAULT_METRIC) -> tuple[np.ndarray | None, str]:
     """Scores [N] (larger = less sure) of ``metric`` and where they came from; (None, reason) without columns.
 
     The eigenvalue columns are preferred; otherwise the metric's own column (e.g. cfDispersionTrace), as in
@@ -307,12 +308,12 @@ def evaluate(
     truth: ParticleSet,
     symmetry: str = "C1",
     align: bool = False,
-    metric: str = "dispersion_trace",
+    metric: str = DEFAULT_METRIC,
     threshold: float | None = None,
 ) -> Evaluation:
     """Compare predicted poses and uncertainty with the truth; see the module docstring for the definitions."""
     symmetry = geometry.normalise_symmetry_name(symmetry)
-    matching = match_particles(pred, truth)
+    matching = pair_by_image_name(pred, truth)
     if not len(matching.pred_rows):
         example = pred.table[star.IMAGE_NAME].iloc[0] if len(pred) else "no particles"
         raise CryoForumError(

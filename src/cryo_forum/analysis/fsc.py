@@ -17,6 +17,7 @@ import numpy as np
 
 from cryo_forum.analysis.plots import save_png
 from cryo_forum.io.atomic import atomic_directory
+from cryo_forum.physics.fourier import FourierGrid
 
 HALF_MAP_THRESHOLD = 0.143
 REFERENCE_THRESHOLD = 0.5
@@ -39,14 +40,7 @@ class Resolution(NamedTuple):
 def shell_indices(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Shell number (rounded radius in FFT voxels) [D, D, D//2+1] of every rfftn coefficient of a D^3 map, and
     the multiplicity [D, D, D//2+1] (2 where the half spectrum stands for a conjugate pair, else 1)."""
-    kz = np.fft.fftfreq(size) * size
-    kx = np.fft.rfftfreq(size) * size
-    radius = np.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    multiplicity = np.full(len(kx), 2.0)
-    multiplicity[0] = 1.0
-    if size % 2 == 0:
-        multiplicity[-1] = 1.0  # the Nyquist plane is its own conjugate
-    return np.rint(radius).astype(np.int64), np.broadcast_to(multiplicity, radius.shape)
+    return FourierGrid(size).volume_shells()
 
 
 def fsc(

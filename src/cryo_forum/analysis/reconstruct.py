@@ -25,7 +25,8 @@ With a point group each image is inserted at every symmetry-equivalent pose ``A 
 only half of each image's spectrum is inserted; samples landing at ``kx < 0`` go in as their complex conjugate
 at ``-k``. The accumulators take ``12 * 4 D^3`` bytes (about 100 MB for D = 128, 800 MB for D = 256; computing
 a map briefly needs twice that, and :func:`half_maps` holds two accumulators); particles are streamed in
-batches and inserted with ``np.bincount``, so memory does not grow with their number.
+batches and inserted with :func:`cryo_forum.physics.slices.insert_slices` (the adjoint of the projector's
+slice reader, with ``np.bincount``), so memory does not grow with their number.
 
 Maps are ``[z, y, x]`` with their centre at voxel ``D // 2``; poses are RELION matrices A (:mod:`geometry`).
 """
@@ -41,6 +42,8 @@ from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.fourier import FourierGrid
+from cryo_forum.physics.slices import insert_slices
 from cryo_forum.progress import progress as progress_bar
 
 WIENER_CONSTANT = 1.0
@@ -65,14 +68,12 @@ class FourierAccumulator:
         self.data = np.zeros(int(np.prod(self.shape)), dtype=np.complex64)
         self.weight = np.zeros(int(np.prod(self.shape)), dtype=np.float32)
         # One of each conjugate pair of the images' rfft2 coefficients below Nyquist (and frequency zero).
-        ky = np.fft.fftfreq(self.size) * self.size
-        kx = np.arange(self.size // 2 + 1, dtype=np.float64)
-        grid_y, grid_x = np.meshgrid(ky, kx, indexing="ij")
-        keep = ((grid_x > 0) | (grid_y >= 0)) & (grid_x**2 + grid_y**2 < (self.size / 2.0) ** 2)
+        grid = FourierGrid(self.size)
+        keep = grid.inside & ((grid.kx > 0) | (grid.ky >= 0))
         self._rows, self._columns = np.nonzero(keep)
-        self._frequencies = np.stack([grid_x[keep], grid_y[keep]], axis=-1)  # [M, 2] (kx, ky) in 1 / box
+        self._frequencies = np.stack([grid.kx[keep], grid.ky[keep]], axis=-1)  # [M, 2] (kx, ky) in 1 / box
         # Frequency zero is its own conjugate partner; the kx = 0 plane is completed from both sides in volume().
-        self._multiplicity = np.where((grid_x[keep] == 0) & (grid_y[keep] == 0), 0.5, 1.0)
+        self._multiplicity = np.where(grid.modulus[keep] == 0, 0.5, 1.0)
         self.slice_weight = 1.0 / (2.0 * self.padding**2)  # mean weight one image adds to voxels by its slice
 
     def __iadd__(self, other: FourierAccumulator) -> FourierAccumulator:
@@ -105,39 +106,20 @@ class FourierAccumulator:
             weights = weights * ctf**2
         group_count = len(self.group)
         poses = (np.asarray(matrices, dtype=np.float64)[:, None] @ self.group.transpose(0, 2, 1)).reshape(-1, 3, 3)
+        points = self.padding * self._frequencies
         chunk = max(1, _ENTRIES_PER_CALL // (8 * len(self._frequencies)))
         for start in range(0, len(poses), chunk):
             rows = slice(start, start + chunk)
             images_of_rows = np.arange(len(poses))[rows] // group_count
-            self._splat(poses[rows], spectra[images_of_rows], weights[images_of_rows])
-
-    def _splat(self, poses: np.ndarray, values: np.ndarray, weights: np.ndarray) -> None:
-        """Spread values [m, M] (with CTF^2 weights [m, M]) of the slices at poses [m, 3, 3] over the grid."""
-        padded, half = self.padded, self.shape[2]
-        # (x, y, z) of the map's spectrum sampled by image frequency k: A^T [kx, ky, 0] = kx A[0] + ky A[1].
-        coords = self.padding * (
-            self._frequencies[None, :, 0, None] * poses[:, None, 0, :]
-            + self._frequencies[None, :, 1, None] * poses[:, None, 1, :]
-        )  # [m, M, 3]
-        flip = coords[..., 0] < 0
-        coords[flip] *= -1.0
-        values = np.where(flip, np.conj(values), values)
-        base = np.floor(coords)
-        frac = coords - base
-        base = base.astype(np.int64)
-        indices, corner_weights = [], []
-        for corner in range(8):
-            offset = np.array([corner & 1, (corner >> 1) & 1, (corner >> 2) & 1])
-            corner_weights.append(np.prod(np.where(offset.astype(bool), frac, 1.0 - frac), axis=-1))
-            x, y, z = np.moveaxis(base + offset, -1, 0)
-            indices.append(((z % padded) * padded + y % padded) * half + x)
-        index = np.concatenate([i.ravel() for i in indices])
-        trilinear = np.concatenate([w.ravel() for w in corner_weights])
-        values = np.tile(values.ravel(), 8) * trilinear
-        length = len(self.weight)
-        self.data.real += np.bincount(index, weights=values.real, minlength=length)
-        self.data.imag += np.bincount(index, weights=values.imag, minlength=length)
-        self.weight += np.bincount(index, weights=trilinear * np.tile(weights.ravel(), 8), minlength=length)
+            insert_slices(
+                self.data,
+                self.padded,
+                poses[rows],
+                points,
+                spectra[images_of_rows],
+                self.weight,
+                weights[images_of_rows],
+            )
 
     def volume(self, wiener_constant: float = WIENER_CONSTANT) -> np.ndarray:
         """The map float32 [D, D, D] ([z, y, x], centre at D // 2) from the sums so far."""
@@ -154,14 +136,12 @@ class FourierAccumulator:
         plane_weight = weight[:, :, 0] + np.roll(weight[partner], 1, axis=(0, 1)) + regulariser
         spectrum[:, :, 0] = np.divide(plane_data, plane_weight, out=np.zeros_like(plane_data), where=plane_weight > 0)
         padded = self.padded
-        k = (np.fft.fftfreq(padded) * padded).astype(np.int32)
-        beyond = k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(self.shape[2], dtype=np.int32) ** 2
-        spectrum[beyond >= (padded // 2) ** 2] = 0.0
+        spectrum[~FourierGrid(padded).volume_inside()] = 0.0
         box = np.fft.fftshift(np.fft.irfftn(spectrum, s=(padded,) * 3, axes=(0, 1, 2)))
         start = padded // 2 - self.size // 2
         crop = box[start : start + self.size, start : start + self.size, start : start + self.size]
-        footprint = np.sinc((np.arange(self.size) - self.size // 2) / padded) ** 2  # trilinear gridding, per axis
-        return (crop / (footprint[:, None, None] * footprint[None, :, None] * footprint[None, None, :])).astype(
+        correction = FourierGrid(self.size).gridding_correction(padded)  # undoes trilinear gridding, per axis
+        return (crop * (correction[:, None, None] * correction[None, :, None] * correction[None, None, :])).astype(
             np.float32
         )
 

@@ -34,7 +34,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metric",
         choices=sorted(SCORES),
-        help="uncertainty score (default: the calibration's with --model, else dispersion_trace)",
+        help="uncertainty score (default: the calibration's with --model, else expected_error_deg)",
     )
     threshold = parser.add_mutually_exclusive_group()
     threshold.add_argument("--threshold", type=float, metavar="X", help="keep particles with score <= X")
@@ -42,14 +42,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_metric(args: argparse.Namespace) -> str:
-    """--metric, else the default metric of --model RUN's calibration, else dispersion_trace."""
+    """--metric, else the default metric of --model RUN's calibration, else the package's default."""
+    from cryo_forum.prediction.uncertainty import DEFAULT_METRIC
+    from cryo_forum.training.run import Run
+
     if args.metric is not None:
         return args.metric
     if args.model is not None:
-        from cryo_forum.prediction.calibration import load_calibration
-
-        return load_calibration(args.model).get("default_metric", "dispersion_trace")
-    return "dispersion_trace"
+        return Run(args.model).load_calibration().get("default_metric", DEFAULT_METRIC)
+    return DEFAULT_METRIC
 
 
 def resolve_threshold(args: argparse.Namespace) -> float | None:
@@ -58,9 +59,10 @@ def resolve_threshold(args: argparse.Namespace) -> float | None:
         if args.threshold is not None and not math.isfinite(args.threshold):
             raise CryoForumError(f"--threshold: must be a finite number, got {args.threshold}")
         return args.threshold
-    from cryo_forum.prediction.calibration import load_calibration, threshold_for
+    from cryo_forum.prediction.calibration import threshold_for
+    from cryo_forum.training.run import Run
 
-    return float(threshold_for(load_calibration(args.model), args.metric))
+    return float(threshold_for(Run(args.model).load_calibration(), args.metric))
 
 
 def summary_lines(metrics: dict) -> list[str]:

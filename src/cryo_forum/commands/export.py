@@ -14,8 +14,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shutil
 from pathlib import Path
+
+PREPROCESS_NAME = "preprocess.json"  # beside the SavedModel: how to prepare its input images
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -55,21 +59,19 @@ def export_saved_model(model, image_size: int, directory: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.atomic import atomic_directory
     from cryo_forum.io.guard import OutputGuard
-    from cryo_forum.training.run import CONFIG_NAME, PREPROCESS_NAME
+    from cryo_forum.training.run import CONFIG_NAME, load_run
 
     OutputGuard().protect(args.model, "a file of the run").check_folder(args.out)
-    from cryo_forum.training.trainer import load_run
-
-    model, config, _ = load_run(args.model)
+    model, _, preprocessor = load_run(args.model)
     with atomic_directory(args.out) as staging:
-        export_saved_model(model, config.image_size, staging / "saved_model")
-        for name in (CONFIG_NAME, PREPROCESS_NAME):
-            shutil.copy2(args.model / name, staging / name)
+        export_saved_model(model, preprocessor.image_size, staging / "saved_model")
+        shutil.copy2(args.model / CONFIG_NAME, staging / CONFIG_NAME)
+        (staging / PREPROCESS_NAME).write_text(json.dumps(dataclasses.asdict(preprocessor), indent=2) + "\n")
         for item in (staging / "saved_model").iterdir():
             item.rename(staging / item.name)
         (staging / "saved_model").rmdir()
     print(
-        f"SavedModel written to {args.out} (serving_default: images [N, {config.image_size}, "
-        f"{config.image_size}, 1] -> quaternion, eigenvalues)"
+        f"SavedModel written to {args.out} (serving_default: images [N, {preprocessor.image_size}, "
+        f"{preprocessor.image_size}, 1] -> quaternion, eigenvalues)"
     )
     return 0

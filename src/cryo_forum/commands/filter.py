@@ -43,7 +43,9 @@ def rejected_path(out: Path) -> Path:
 
 def choose_threshold(args: argparse.Namespace) -> tuple[str, float, str, dict | None]:
     """(metric, threshold, where the threshold came from, calibration or None) from the options alone."""
-    from cryo_forum.prediction.calibration import DEFAULT_METRIC, check_metric, load_calibration, threshold_for
+    from cryo_forum.prediction.calibration import check_metric, threshold_for
+    from cryo_forum.prediction.uncertainty import DEFAULT_METRIC
+    from cryo_forum.training.run import Run
 
     if args.quantile is not None and args.model is None:
         raise CryoForumError(
@@ -54,13 +56,14 @@ def choose_threshold(args: argparse.Namespace) -> tuple[str, float, str, dict | 
         raise CryoForumError("--threshold: give --threshold X, or --model RUN to use the run's calibrated threshold")
     if args.threshold is not None and not np.isfinite(args.threshold):
         raise CryoForumError(f"--threshold {args.threshold}: must be a finite number")
-    calibration = load_calibration(args.model) if args.model is not None else None
+    run = Run(args.model) if args.model is not None else None
+    calibration = run.load_calibration() if run is not None else None
     metric = args.metric or (calibration["default_metric"] if calibration else DEFAULT_METRIC)
     check_metric(metric)
     if args.threshold is not None:
         return metric, float(args.threshold), "--threshold", calibration
     threshold = threshold_for(calibration, metric, args.quantile)
-    where = f"{args.model / 'calibration.json'} ({calibration['n']} calibration particles"
+    where = f"the calibration of {run.path} ({calibration['n']} calibration particles"
     if args.quantile is None:
         where += f", recommended: keeps {calibration['metrics'][metric]['recommended']['keep_fraction']:.0%} of them)"
     else:

@@ -1,9 +1,10 @@
 """Predict the orientation and its uncertainty for every particle of a STAR (or cryoSPARC .cs) file.
 
 Writes a STAR file that keeps every input block and column, with the predicted rlnAngleRot/Tilt/Psi
-(degrees) and uncertainty columns: _cfDispersionTrace, _cfMaxDispersion (larger = less sure),
-_cfEigenGap (larger = surer) and the four eigenvalues. Images are read and predicted in batches,
-so memory does not grow with the stack.
+(degrees) and uncertainty columns: _cfExpectedErrorDeg (the expected angular error, the default score of
+filter and evaluate), _cfDispersionTrace, _cfMaxDispersion (larger = less sure), _cfEigenGap (larger = surer)
+and the four eigenvalues. Images are read and predicted in batches, so memory does not grow with the stack.
+A warning is logged when the predicted viewing directions collapse onto a few views.
 
 Example:
   cryo-forum predict --model run1 --star particles.star --out predicted.star --subset test
@@ -12,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from cryo_forum.errors import CryoForumError
@@ -31,24 +31,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="particles per batch (default: 256)")
 
 
-def subset_indices(run: Path, subset: str, particles):
-    """Indices of ``subset`` from RUN/split.json (None for all); checks the split belongs to these particles."""
-    from cryo_forum.streams.pipeline import load_split
-    from cryo_forum.training.run import SPLIT_NAME
-
+def subset_indices(run, subset: str, particles):
+    """Indices of ``subset`` of the run's split (None for all), checked against these particles."""
     if subset == "all":
         return None
-    split_path = run / SPLIT_NAME
-    try:
-        mode = json.loads(split_path.read_text()).get("mode")
-    except (OSError, ValueError) as error:
-        raise CryoForumError(f"{split_path}: cannot read the run's split ({error})") from None
-    if mode == "map":
+    split = run.load_split()
+    if split.mode == "map":
         raise CryoForumError(
-            f"--subset {subset}: {run} was trained from a map; predict its fixed sets with --star {run / subset}/"
-            "particles.star"
+            f"--subset {subset}: {run.path} was trained from a map; predict its fixed sets with --star "
+            f"{run.fixed_set(subset)}"
         )
-    return load_split(split_path, particles)[subset]
+    return split.indices_for(particles)[subset]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,10 +60,10 @@ def main(args: argparse.Namespace) -> int:
     particles.validate()
 
     from cryo_forum.prediction.predict import predict_particles, preprocessor_for
-    from cryo_forum.training.trainer import load_run
+    from cryo_forum.training.run import Run, load_run
 
     model, config, trained_preprocessor = load_run(args.model)
-    indices = subset_indices(args.model, args.subset, particles)
+    indices = subset_indices(Run(args.model), args.subset, particles)
     preprocessor = preprocessor_for(particles, trained_preprocessor)
     table = predict_particles(model, particles, preprocessor, indices, batch_size=args.batch_size)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))

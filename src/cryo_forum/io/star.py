@@ -59,6 +59,7 @@ CLASS_NUMBER = "rlnClassNumber"
 # cryo-forum's own columns
 OUTLIER = "cfIsOutlier"  # 0/1
 OUTLIER_KIND = "cfOutlierKind"
+EXPECTED_ERROR = "cfExpectedErrorDeg"  # the default uncertainty score, in degrees
 DISPERSION_TRACE = "cfDispersionTrace"
 EIGEN_GAP = "cfEigenGap"
 MAX_DISPERSION = "cfMaxDispersion"

@@ -328,7 +328,7 @@ class SmallEncoder(Encoder):
     """A fast CPU encoder: per width a stage of ``depths`` 3x3 conv + BN + ReLU layers whose first has
     stride 2 (D -> D / 2^len(widths)); no pooling layers. Few channels at high resolution keep it cheap and
     the extra layer in each of the two coarsest stages mixes the whole field of view, which orientation
-    needs: 0.8 M parameters, about 28 ms per training step of 64 images of 64 px on two free CPU cores.
+    needs (0.8 M parameters; bench/throughput.py times its training steps).
     Plain convolutions beat depthwise-separable ones here: TensorFlow runs depthwise kernels on one
     thread, and they trained worse."""
 

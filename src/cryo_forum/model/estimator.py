@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from cryo_forum.geometry import normalise_symmetry_name, symmetry_quaternions
 from cryo_forum.model.encoders import build_encoder
 from cryo_forum.model.heads import build_head
-from cryo_forum.model.losses import LossSchedule, bingham_nll, pairwise_distance_loss, pose_errors
+from cryo_forum.model.losses import bingham_nll, pairwise_distance_loss, pose_errors
 from cryo_forum.tensorflow_quiet import keras, tf
 
 
@@ -132,8 +130,8 @@ class OrientationEstimator(keras.Model):
     def _pose_losses(self, outputs, targets) -> dict:
         """The weighted total and its parts: distance, direct, Bingham NLL (qcqp head) and the inlier mask."""
         q_pred = outputs["quaternion"]
-        q_true = tf.cast(targets["quaternion"], q_pred.dtype)
-        inlier = 1.0 - tf.cast(targets["outlier"], q_pred.dtype)
+        q_true = tf.cast(targets.quaternion, q_pred.dtype)
+        inlier = 1.0 - tf.cast(targets.outlier, q_pred.dtype)
         parts = {"inlier": inlier}
         parts["distance"] = pairwise_distance_loss(q_pred, q_true, self.group, self.pair_weighting, sample_mask=inlier)
         parts["errors"] = pose_errors(q_pred, q_true, self.group, "geodesic")  # radians, also for the metrics
@@ -212,27 +210,6 @@ class OrientationEstimator(keras.Model):
         }
 
 
-class LossWeightScheduler(keras.callbacks.Callback):
-    """Sets the model's (w_dist, w_direct) from a LossSchedule at the start of every epoch (also after resume)."""
-
-    def __init__(self, schedule: LossSchedule):
-        super().__init__()
-        self.schedule = schedule
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.set_loss_weights(*self.schedule(epoch))
-
-
 def inference_function(model: OrientationEstimator):
     """``model(images, training=False)`` traced into a graph: TF fuses the layers, faster than eager calls."""
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-
-
-def predict_arrays(model: OrientationEstimator, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Quaternions [N, 4] (and eigenvalues [N, 4] for the qcqp head) for preprocessed images [N, S, S(, 1)]."""
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim == 3:
-        images = images[..., None]
-    forward = inference_function(model)
-    outputs = [forward(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
-    return {key: np.concatenate([np.asarray(out[key]) for out in outputs]) for key in outputs[0]}

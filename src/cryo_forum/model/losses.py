@@ -12,11 +12,10 @@ point group this holds for the Q that map the group onto itself (for example Q i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cryo_forum.choices import DIRECT_LOSSES, PAIR_WEIGHTINGS, SCHEDULE_KINDS
+from cryo_forum.choices import DIRECT_LOSSES, PAIR_WEIGHTINGS
 from cryo_forum.geometry import quaternion_conjugate, quaternion_multiply_tf, symmetric_distance_tf
 from cryo_forum.tensorflow_quiet import tf
 
@@ -102,53 +101,6 @@ def pose_errors(q_pred, q_true, group_quaternions: np.ndarray | None = None, kin
         mates = quaternion_multiply_tf(mates, conjugates)  # [B, G, 4]: A_true g^T
     dots = tf.reduce_sum(q_pred[:, None, :] * mates, axis=-1)
     return tf.reduce_min(8.0 * (1.0 - tf.square(dots)), axis=-1)
-
-
-def direct_pose_loss(q_pred, q_true, group_quaternions: np.ndarray | None = None, kind: str = "geodesic"):
-    """Mean of :func:`pose_errors` over the batch."""
-    return tf.reduce_mean(pose_errors(q_pred, q_true, group_quaternions, kind))
-
-
-@dataclass(frozen=True)
-class LossSchedule:
-    """Weights (w_dist, w_direct) of the distance and direct losses as a function of the epoch.
-
-    * ``"original"``: the distance loss alone until ``switch_epoch``, then the direct loss alone (the original
-      work trained distance matching first, then switched to the direct loss).
-    * ``"constant"``: ``(distance_weight, direct_weight)`` throughout.
-    * ``"linear"``: the distance loss alone until ``switch_epoch``, then a linear hand-over that reaches the
-      direct loss alone ``ramp_epochs`` later.
-
-    The epoch may be fractional (``step / steps_per_epoch``). :meth:`to_dict` / :meth:`from_dict` serialise it.
-    """
-
-    kind: str = "original"
-    switch_epoch: float = 10.0
-    ramp_epochs: float = 10.0
-    distance_weight: float = 1.0
-    direct_weight: float = 1.0
-
-    def __post_init__(self):
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown loss schedule '{self.kind}': choose one of {', '.join(SCHEDULE_KINDS)}")
-        if self.ramp_epochs <= 0:
-            raise ValueError(f"loss schedule ramp_epochs must be positive, got {self.ramp_epochs}")
-
-    def __call__(self, epoch: float) -> tuple[float, float]:
-        if self.kind == "constant":
-            return float(self.distance_weight), float(self.direct_weight)
-        if self.kind == "original":
-            progress = 1.0 if epoch >= self.switch_epoch else 0.0
-        else:
-            progress = min(max((epoch - self.switch_epoch) / self.ramp_epochs, 0.0), 1.0)
-        return float(self.distance_weight * (1.0 - progress)), float(self.direct_weight * progress)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, config: dict) -> LossSchedule:
-        return cls(**config)
 
 
 # Makes the Bingham normaliser approximation below exact in the sharp (Gaussian) limit: beta = pi^(2/3).

@@ -1,13 +1,86 @@
-"""Fourier-space image operations shared by simulation, preprocessing and reconstruction.
+"""The Fourier grid of an image and the Fourier-space image operations of simulation, preprocessing and
+reconstruction.
 
 Images are float arrays ``[..., y, x]`` of even or odd size D whose centre (the rotation origin)
 is pixel ``D // 2`` along each axis, as in RELION. A centred transform puts frequency zero at index
-``D // 2`` as well.
+``D // 2`` as well. :class:`FourierGrid` describes the half plane ``numpy.fft.rfft2`` lays out (rows ky in
+FFT order, columns kx >= 0) in cycles per box; every module that needs frequencies, shells, Hermitian
+weights or the gridding correction takes them from it.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
+
+
+def _integer_frequencies(size: int) -> np.ndarray:
+    """Frequencies in cycles per box in FFT order, exact integers as float64 [size]."""
+    return np.rint(np.fft.fftfreq(size) * size)
+
+
+def _hermitian_weights(kx: np.ndarray, size: int) -> np.ndarray:
+    """2 where a half-spectrum coefficient stands for itself and its unstored mirror image, 1 where it is its own
+    (the kx = 0 column or plane and, for even sizes, the Nyquist one)."""
+    return np.where((kx == 0) | (2 * kx == size), 1.0, 2.0)
+
+
+class FourierGrid:
+    """The rfft2 half plane of a D x D image: frequencies in cycles per box, arrays ``[D, D // 2 + 1]``.
+
+    ``kx``, ``ky`` (float64) are each coefficient's frequency (rows ky in FFT order, columns kx >= 0), ``modulus``
+    their length and ``shells`` the rounded length (integer radial shells). ``inside`` is strictly below Nyquist
+    (``|k| < D / 2``): the coefficients a projection or a central slice holds, since dropping the Nyquist ring of
+    an even box keeps a slice Hermitian whatever its pose. ``hermitian_weights`` count each coefficient with its
+    unstored mirror image (sums over them equal sums over the full plane). The 3-D counterparts for maps
+    ``[D, D, D // 2 + 1]`` (rfftn layout) are :meth:`volume_shells` and :meth:`volume_inside`.
+    """
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.shape = (self.size, self.size // 2 + 1)
+        self.ky, self.kx = np.meshgrid(
+            _integer_frequencies(self.size), np.arange(self.shape[1], dtype=np.float64), indexing="ij"
+        )
+        self.modulus = np.hypot(self.kx, self.ky)
+        self.shells = np.rint(self.modulus).astype(np.int64)
+        self.inside = self.kx**2 + self.ky**2 < (self.size / 2.0) ** 2
+        self.hermitian_weights = _hermitian_weights(self.kx, self.size)
+
+    @cached_property
+    def inside_frequencies(self) -> np.ndarray:
+        """(kx, ky) [K, 2] of the coefficients ``inside``, in their flat (row-major) order."""
+        return np.stack([self.kx[self.inside], self.ky[self.inside]], axis=-1)
+
+    def band(self, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The coefficients with 0 < |k| < radius (at most Nyquist): flat indices into the half plane [K],
+        (kx, ky) [K, 2] and Hermitian weights [K]. Frequency zero is left out (the background level)."""
+        chosen = (self.modulus > 0) & (self.modulus < min(radius, self.size / 2.0))
+        flat = np.flatnonzero(chosen.ravel())
+        frequencies = np.stack([self.kx.ravel()[flat], self.ky.ravel()[flat]], axis=-1)
+        return flat, frequencies, self.hermitian_weights.ravel()[flat]
+
+    def gridding_correction(self, padded: int) -> np.ndarray:
+        """1 / sinc^2 [D] along one axis of the box: the inverse footprint of trilinear interpolation on a grid
+        ``padded`` voxels wide (a map multiplied by it per axis gives unapodised trilinear slices)."""
+        offsets = (np.arange(self.size) - self.size // 2) / padded
+        return 1.0 / np.sinc(offsets) ** 2
+
+    def _volume_squared_modulus(self) -> np.ndarray:
+        """|k|^2 [D, D, D // 2 + 1] of a D^3 map's rfftn coefficients (exact: integers)."""
+        k = _integer_frequencies(self.size)
+        return k[:, None, None] ** 2 + k[None, :, None] ** 2 + self.kx[0][None, None, :] ** 2
+
+    def volume_shells(self) -> tuple[np.ndarray, np.ndarray]:
+        """Shell number (rounded radius) [D, D, D // 2 + 1] of every rfftn coefficient of a D^3 map, and its
+        Hermitian weight [D, D, D // 2 + 1] (2 where it stands for a conjugate pair, else 1)."""
+        shells = np.rint(np.sqrt(self._volume_squared_modulus())).astype(np.int64)
+        return shells, np.broadcast_to(_hermitian_weights(self.kx[0], self.size), shells.shape)
+
+    def volume_inside(self) -> np.ndarray:
+        """Coefficients of a D^3 map's rfftn strictly below Nyquist, bool [D, D, D // 2 + 1]."""
+        return self._volume_squared_modulus() < (self.size / 2.0) ** 2
 
 
 def fft2_centered(images: np.ndarray) -> np.ndarray:

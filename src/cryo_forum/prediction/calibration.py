@@ -4,7 +4,7 @@ A threshold is calibrated on predictions the model did not train on but whose po
 validation particles) and then applied unchanged to any other set, never recomputed from the set being
 filtered. A particle is kept when its score is at most the threshold (larger score = more uncertain).
 
-``RUN/calibration.json`` holds, for every metric of :data:`cryo_forum.prediction.uncertainty.SCORES`, the score
+A calibration (``RUN/calibration.json``) holds, for every metric of :data:`uncertainty.SCORES`, the score
 quantiles at 0.00, 0.01, ..., 1.00 of the calibration set, so ``threshold_for(calibration, metric, 0.8)``
 keeps 80 % of particles that behave like the validation set. When the validation errors are known, each
 metric also gets a recommended threshold (:func:`recommend_threshold`): the largest score at which the
@@ -18,30 +18,26 @@ NumPy and pandas only: no TensorFlow.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cryo_forum import geometry
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
-from cryo_forum.io.atomic import atomic_output
 from cryo_forum.prediction import uncertainty
+from cryo_forum.prediction.uncertainty import DEFAULT_METRIC
 
-CALIBRATION_NAME = "calibration.json"
 FORMAT = "cryo-forum uncertainty calibration"
 VERSION = 1
 QUANTILE_LEVELS = np.round(np.linspace(0.0, 1.0, 101), 2)
-DEFAULT_METRIC = "expected_error_deg"
 TOLERANCE = 3.0
 WINDOW = 0.1
 
 # Columns that hold a metric when the eigenvalue columns are absent: (column, sign turning it into the score).
 FALLBACK_COLUMNS = {
+    "expected_error_deg": (star.EXPECTED_ERROR, 1.0),
     "dispersion_trace": (star.DISPERSION_TRACE, 1.0),
     "max_dispersion": (star.MAX_DISPERSION, 1.0),
     "negative_eigengap": (star.EIGEN_GAP, -1.0),
@@ -49,9 +45,9 @@ FALLBACK_COLUMNS = {
 
 
 def check_metric(metric: str) -> None:
-    """CryoForumError naming --metric when ``metric`` is not one of :data:`uncertainty.SCORES`."""
+    """InvalidSetting when ``metric`` is not one of :data:`uncertainty.SCORES`."""
     if metric not in uncertainty.SCORES:
-        raise CryoForumError(f"--metric {metric}: unknown metric; choose from {', '.join(uncertainty.SCORES)}")
+        raise InvalidSetting("metric", f"unknown metric {metric!r}; choose from {', '.join(uncertainty.SCORES)}")
 
 
 def scores_from_table(table: pd.DataFrame, metric: str, source: str = "table") -> np.ndarray:
@@ -206,32 +202,10 @@ def calibrate(
     return calibration
 
 
-def calibration_path(run: str | os.PathLike) -> Path:
-    return Path(run) / CALIBRATION_NAME
-
-
-def save_calibration(run: str | os.PathLike, calibration: dict) -> Path:
-    """Write ``calibration`` to RUN/calibration.json atomically; returns the path."""
-    path = calibration_path(run)
-    text = json.dumps(calibration, indent=1, allow_nan=False)
-    with atomic_output(path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
-    return path
-
-
-def load_calibration(run: str | os.PathLike) -> dict:
-    """RUN/calibration.json as written by :func:`save_calibration`; CryoForumError naming the file otherwise."""
-    path = calibration_path(run)
-    if not path.is_file():
-        raise CryoForumError(
-            f"{path}: not found; the run has no uncertainty calibration (train with a qcqp head, or give --threshold)"
-        )
-    try:
-        calibration = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CryoForumError(f"{path}: cannot read the calibration ({error})") from None
+def check_calibration(calibration, where: str) -> dict:
+    """``calibration`` (a document read back) if it is a complete cryo-forum calibration; CryoForumError otherwise."""
     if not _well_formed(calibration):
-        raise CryoForumError(f"{path}: not a cryo-forum calibration (or a damaged one)")
+        raise CryoForumError(f"{where}: not a cryo-forum calibration (or a damaged one)")
     return calibration
 
 
@@ -257,16 +231,18 @@ def threshold_for(calibration: dict, metric: str, quantile: float | None = None)
     check_metric(metric)
     entry = calibration["metrics"].get(metric)
     if entry is None:
-        raise CryoForumError(f"--metric {metric}: not in the calibration (it has {', '.join(calibration['metrics'])})")
+        known = ", ".join(calibration["metrics"])
+        raise InvalidSetting("metric", f"{metric!r} is not in the calibration (it has {known})")
     if quantile is None:
         if "recommended" not in entry:
-            raise CryoForumError(
-                f"--metric {metric}: the calibration has no recommended threshold (calibrated without known "
-                "errors); give --quantile or --threshold"
+            raise InvalidSetting(
+                "metric",
+                f"the calibration has no recommended threshold for {metric!r} (calibrated without known errors); "
+                "give --quantile or --threshold",
             )
         return float(entry["recommended"]["threshold"])
     if not 0.0 <= quantile <= 1.0:
-        raise CryoForumError(f"--quantile {quantile}: must lie in [0, 1] (the fraction to keep)")
+        raise InvalidSetting("quantile", f"must lie in [0, 1] (the fraction to keep), got {quantile}")
     return float(np.interp(quantile, calibration["quantile_levels"], entry["quantiles"]))
 
 

@@ -12,7 +12,7 @@ over the half-plane frequencies ``k`` of the working band (zero frequency left o
 does not matter), with ``w_k`` counting Hermitian pairs and dividing by the noise power of the set's radial
 shell (whitening). For Gaussian noise this is the log-likelihood of the best-scaled reference: the
 maximum-likelihood pose that refinement programs approximate. Both sums are matrix products in TensorFlow,
-so thousands of references are scored per particle in a few milliseconds.
+so thousands of references are scored per particle at once.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.fourier import FourierGrid
 from cryo_forum.physics.projection import FourierProjector
 from cryo_forum.progress import progress as progress_bar
 from cryo_forum.tensorflow_quiet import tf
@@ -146,20 +147,12 @@ def _whole(value) -> bool:
 
 
 def half_plane_frequencies(size: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rfft2 half-plane frequencies with 0 < |k| < radius (cycles per box).
+    """The rfft2 half-plane frequencies with 0 < |k| < radius (cycles per box): :meth:`FourierGrid.band`.
 
     Returns their flat indices into the ``[size, size // 2 + 1]`` rfft2 grid [K], (kx, ky) [K, 2] and the
     Hermitian weights [K] (2 for kx > 0, whose mirror image is not stored; 1 on the kx = 0 column, which holds both).
     """
-    ky = np.fft.fftfreq(size) * size
-    kx = np.arange(size // 2 + 1, dtype=np.float64)
-    grid_y, grid_x = np.meshgrid(ky, kx, indexing="ij")
-    modulus = np.hypot(grid_x, grid_y)
-    inside = (modulus > 0) & (modulus < min(radius, size / 2.0))
-    flat = np.flatnonzero(inside.ravel())
-    frequencies = np.stack([grid_x.ravel()[flat], grid_y.ravel()[flat]], axis=-1)
-    weights = np.where(frequencies[:, 0] > 0, 2.0, 1.0)
-    return flat, frequencies, weights
+    return FourierGrid(size).band(radius)
 
 
 def particle_spectra(images: np.ndarray) -> np.ndarray:
@@ -176,9 +169,7 @@ def shell_noise_power(particles: ParticleSet, sample: int = NOISE_SAMPLE) -> np.
     size = particles.box_size
     rng = np.random.default_rng(0)
     chosen = np.sort(rng.choice(len(particles), size=min(sample, len(particles)), replace=False))
-    ky = np.fft.fftfreq(size) * size
-    kx = np.arange(size // 2 + 1)
-    shells = np.rint(np.hypot(*np.meshgrid(ky, kx, indexing="ij"))).astype(int).ravel()
+    shells = FourierGrid(size).shells.ravel()
     inside = shells <= size // 2
     total = np.zeros(size // 2 + 1)
     counts = np.bincount(shells[inside], minlength=size // 2 + 1) * len(chosen)
@@ -193,9 +184,9 @@ class _Band:
     """One working band: its frequencies and their weights (Hermitian count / noise power of the shell)."""
 
     def __init__(self, size: int, radius: float, noise_power: np.ndarray):
-        self.flat, self.frequencies, hermitian = half_plane_frequencies(size, radius)
-        shells = np.rint(np.hypot(self.frequencies[:, 0], self.frequencies[:, 1])).astype(int)
-        self.weights = hermitian / noise_power[shells]
+        grid = FourierGrid(size)
+        self.flat, self.frequencies, hermitian = grid.band(radius)
+        self.weights = hermitian / noise_power[grid.shells.ravel()[self.flat]]
         self.size = size
 
     def phase_ramps(self, origins: np.ndarray) -> np.ndarray:

@@ -2,11 +2,13 @@
 
 The result is a table with RELION's angle columns (degrees) and cryo-forum's uncertainty columns, ready
 for :meth:`cryo_forum.io.particles.ParticleSet.write_star`: every input column is kept, the predicted
-angles replace ``rlnAngleRot/Tilt/Psi``, and ``_cf*`` columns carry the uncertainty (larger = less sure).
+angles replace ``rlnAngleRot/Tilt/Psi``, and ``_cf*`` columns carry the uncertainty (larger = less sure),
+``_cfExpectedErrorDeg`` (the default score) first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -19,8 +21,8 @@ from cryo_forum.io.particles import ParticleSet
 from cryo_forum.model.estimator import OrientationEstimator, inference_function
 from cryo_forum.prediction import uncertainty
 from cryo_forum.progress import progress as progress_bar
-from cryo_forum.streams.pipeline import prediction_batches, stream_errors
 from cryo_forum.streams.preprocess import Preprocessor
+from cryo_forum.streams.readers import prediction_batches, stream_errors
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +30,14 @@ log = logging.getLogger(__name__)
 def preprocessor_for(particles: ParticleSet, trained: Preprocessor) -> Preprocessor:
     """The run's preprocessing applied to this set's box and pixel size (the network's input size is fixed).
 
-    Warns on stderr when the resulting pixel size differs from the training one by more than 2 %.
+    Logs a warning when the resulting pixel size differs from the training one by more than 2 %.
     """
     if particles.box_size < trained.image_size:
         raise CryoForumError(
             f"{particles.source}: particles of {particles.box_size} px are smaller than the model's "
             f"{trained.image_size} px input; use a model trained at {particles.box_size} px or less"
         )
-    values = trained.to_dict()
-    values.update(pixel_size_in=particles.pixel_size, input_size=particles.box_size)
-    adapted = Preprocessor.from_dict(values)
+    adapted = dataclasses.replace(trained, pixel_size_in=particles.pixel_size, input_size=particles.box_size)
     if abs(adapted.output_pixel_size / trained.output_pixel_size - 1.0) > 0.02:
         log.warning(
             f"{particles.source} gives {adapted.output_pixel_size:.2f} A/px at {adapted.image_size} px, "
@@ -78,6 +78,7 @@ def prediction_table(quaternions: np.ndarray, eigenvalues: np.ndarray) -> pd.Dat
     euler = quaternion_to_euler(quaternions)
     table = pd.DataFrame({star.ANGLE_ROT: euler[:, 0], star.ANGLE_TILT: euler[:, 1], star.ANGLE_PSI: euler[:, 2]})
     if np.isfinite(eigenvalues).all():
+        table[star.EXPECTED_ERROR] = uncertainty.expected_error_deg(eigenvalues)
         table[star.DISPERSION_TRACE] = uncertainty.dispersion_trace(eigenvalues)
         table[star.MAX_DISPERSION] = uncertainty.max_dispersion(eigenvalues)
         table[star.EIGEN_GAP] = uncertainty.first_eigengap(eigenvalues)

@@ -112,6 +112,7 @@ def expected_error_deg(eigenvalues: np.ndarray) -> np.ndarray:
     return np.degrees(2.0 * np.arcsin(np.sqrt(bingham_tangent_spread(eigenvalues))))
 
 
+DEFAULT_METRIC = "expected_error_deg"  # the score every command uses unless told otherwise
 SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "dispersion_trace": dispersion_trace,
     "max_dispersion": max_dispersion,

@@ -2,7 +2,7 @@
 
 Every function takes a batch ``[N, D, D]``, is pure and returns float32, so the tf.data input pipeline can
 call it lazily per batch (e.g. through ``tf.numpy_function``). :class:`Preprocessor` ties the steps
-together in a fixed order and serialises to a plain dict for a run's config.yaml:
+together in a fixed order and is the ``images`` section of a run's settings:
 
 1. phase flip (optional): each spectrum times sign(CTF) of its particle, fused with
 2. the Fourier crop to ``image_size`` (the pixel size grows by D / image_size): sign(CTF) is evaluated on
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.physics.ctf import compute_ctf
 from cryo_forum.physics.fourier import fourier_crop, fourier_crop_and_filter
 
@@ -44,6 +44,7 @@ CTF_KEYS = (
 """Per-particle CTF parameters accepted by :func:`ctf_signs` (compute_ctf's keywords and units)."""
 
 _REQUIRED_CTF_KEYS = ("defocus_u", "defocus_v", "defocus_angle")
+DEFAULT_IMAGE_SIZE = 64  # px the network sees unless asked otherwise (fast on CPUs; smaller boxes are kept)
 
 
 def radius_grid(size: int) -> np.ndarray:
@@ -171,39 +172,55 @@ def flip_and_downsample(
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """How to turn raw particle images [N, input_size, input_size] into network inputs [N, size, size].
+    """How raw particle images [N, input_size, input_size] become network inputs [N, image_size, image_size].
 
-    image_size: output box in pixels (<= input_size); pixel_size_in / input_size: the raw images' pixel
-    size (A) and box. normalise: background normalisation outside ``background_radius * image_size / 2``.
-    mask_radius: soft-mask radius as a fraction of image_size / 2 (None: no mask); mask_edge: cosine edge
-    width in output pixels. phase_flip: flip by sign(CTF) at the input box (needs CTF parameters per call).
+    It is also the ``images`` section of a run's settings: ``image_size`` None (the input box, at most
+    DEFAULT_IMAGE_SIZE) and the data's ``pixel_size_in`` / ``input_size`` are filled in by :meth:`resolved` once
+    the data are known. normalise: background normalisation outside ``background_radius * image_size / 2``.
+    mask_radius: soft-mask radius as a fraction of image_size / 2 (None: no mask); mask_edge: cosine edge width
+    in output pixels. phase_flip: flip by sign(CTF) at the input box (needs CTF parameters per call).
     """
 
-    image_size: int
-    pixel_size_in: float
-    input_size: int
+    image_size: int | None = None
     normalise: bool = True
     background_radius: float = 0.85
-    mask_radius: float | None = None
+    mask_radius: float | None = 0.9
     mask_edge: float = 3.0
     phase_flip: bool = False
+    pixel_size_in: float | None = None
+    input_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.input_size, int | np.integer) or self.input_size < 1:
-            raise CryoForumError(f"preprocess.input_size must be a positive integer, got {self.input_size!r}")
-        if not isinstance(self.image_size, int | np.integer) or not 1 <= self.image_size <= self.input_size:
-            raise CryoForumError(
-                f"preprocess.image_size must be an integer between 1 and the input box {self.input_size}, "
-                f"got {self.image_size!r}"
-            )
-        if not (isinstance(self.pixel_size_in, float | int | np.number) and 0 < self.pixel_size_in < np.inf):
-            raise CryoForumError(f"preprocess.pixel_size_in must be positive, got {self.pixel_size_in!r}")
+        if self.input_size is not None and (not isinstance(self.input_size, int | np.integer) or self.input_size < 1):
+            raise InvalidSetting("input_size", f"must be a positive integer, got {self.input_size!r}")
+        if self.image_size is not None:
+            if not isinstance(self.image_size, int | np.integer) or self.image_size < 1:
+                raise InvalidSetting("image_size", f"must be a positive integer, got {self.image_size!r}")
+            if self.input_size is not None and self.image_size > self.input_size:
+                raise InvalidSetting(
+                    "image_size", f"must be at most the particles' box of {self.input_size} px, got {self.image_size}"
+                )
+        if self.pixel_size_in is not None and not (
+            isinstance(self.pixel_size_in, float | int | np.number) and 0 < self.pixel_size_in < np.inf
+        ):
+            raise InvalidSetting("pixel_size_in", f"must be positive, got {self.pixel_size_in!r}")
         if not 0.0 < self.background_radius < 1.0:
-            raise CryoForumError(f"preprocess.background_radius must be in (0, 1), got {self.background_radius}")
+            raise InvalidSetting("background_radius", f"must be in (0, 1), got {self.background_radius}")
         if self.mask_radius is not None and not 0.0 < self.mask_radius <= 1.0:
-            raise CryoForumError(f"preprocess.mask_radius must be in (0, 1] or None, got {self.mask_radius}")
+            raise InvalidSetting("mask_radius", f"must be in (0, 1] or None, got {self.mask_radius}")
         if not self.mask_edge >= 0:
-            raise CryoForumError(f"preprocess.mask_edge must not be negative, got {self.mask_edge}")
+            raise InvalidSetting("mask_edge", f"must not be negative, got {self.mask_edge}")
+
+    def resolved(self, pixel_size: float, box: int) -> Preprocessor:
+        """These settings for raw images of ``box`` px at ``pixel_size`` A (the image size chosen if unset)."""
+        image_size = self.image_size or min(DEFAULT_IMAGE_SIZE, int(box))
+        return dataclasses.replace(
+            self, image_size=int(image_size), pixel_size_in=float(pixel_size), input_size=int(box)
+        )
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.image_size, self.pixel_size_in, self.input_size)
 
     @property
     def output_pixel_size(self) -> float:
@@ -216,15 +233,17 @@ class Preprocessor:
         ctf_params (see :data:`CTF_KEYS`) is required when phase_flip is set and ignored otherwise.
         Raises CryoForumError for a wrong shape, non-finite pixels or missing CTF parameters.
         """
+        if not self.is_resolved:
+            raise CryoForumError("the preprocessing does not know the images' box and pixel size yet (resolved())")
         images = _as_batch(images)
         if images.shape[-1] != self.input_size:
-            raise CryoForumError(f"images are {images.shape[-1]} px but preprocess.input_size is {self.input_size}")
+            raise CryoForumError(f"images are {images.shape[-1]} px but the preprocessing expects {self.input_size} px")
         if not np.all(np.isfinite(images)):
             raise CryoForumError("images contain NaN or infinite pixels")
         out = images.astype(np.float32, copy=False)
         if self.phase_flip:
             if ctf_params is None:
-                raise CryoForumError("preprocess.phase_flip is set but no CTF parameters were given")
+                raise CryoForumError("phase flipping needs CTF parameters, and none were given")
             out, _ = flip_and_downsample(out, self.pixel_size_in, self.image_size, ctf_params)
         else:
             out, _ = downsample(out, self.pixel_size_in, self.image_size)
@@ -233,22 +252,3 @@ class Preprocessor:
         if self.mask_radius is not None:
             out = apply_soft_mask(out, self.mask_radius * self.image_size / 2, self.mask_edge)
         return np.ascontiguousarray(out, dtype=np.float32)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python values (YAML-safe) that :meth:`from_dict` turns back into this Preprocessor."""
-        values = dataclasses.asdict(self)
-        for key, value in values.items():
-            if isinstance(value, np.generic):
-                values[key] = value.item()
-        return values
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessor:
-        """Rebuild from :meth:`to_dict` output; unknown or missing keys raise CryoForumError."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        required = {field.name for field in dataclasses.fields(cls) if field.default is dataclasses.MISSING}
-        unknown = sorted(set(values) - names)
-        missing = sorted(required - set(values))
-        if unknown or missing:
-            raise CryoForumError(f"preprocess: unknown options {unknown}, missing options {missing}")
-        return cls(**values)

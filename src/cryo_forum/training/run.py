@@ -1,9 +1,10 @@
 """A run folder: what ``cryo-forum train`` writes and ``predict``, ``export``, ``filter`` read.
 
-Files (names defined here only): ``config.yaml`` (every setting), ``preprocess.json`` (how images are
-prepared for the network), ``split.json``, ``model.keras`` (the best epoch), ``history.csv`` (one row per
-completed epoch), ``calibration.json``, ``logs/`` (TensorBoard), ``checkpoints/`` and, for map runs, ``val/``
-and ``test/``.
+:class:`Run` is the only code that knows the folder's files and reads or writes them: ``config.yaml`` (every
+setting, the preprocessing included, see :mod:`cryo_forum.training.config`), ``split.json``
+(:class:`~cryo_forum.streams.splits.Split`), ``model.keras`` (the best epoch), ``history.csv`` (one row per
+completed epoch), ``calibration.json`` (:mod:`cryo_forum.prediction.calibration`), ``logs/`` (TensorBoard),
+``checkpoints/`` and, for map runs, the fixed simulated sets ``val/`` and ``test/``.
 
 Every file is replaced atomically, so an interrupt at any moment (Ctrl-C, SIGTERM, SIGKILL) leaves a run that
 ``--resume`` continues: a checkpoint is a folder ``checkpoints/epoch-NNNNN`` holding the model and optimiser
@@ -27,11 +28,11 @@ from cryo_forum.errors import CryoForumError
 from cryo_forum.io.atomic import atomic_output
 
 CONFIG_NAME = "config.yaml"
-PREPROCESS_NAME = "preprocess.json"
 SPLIT_NAME = "split.json"
 MODEL_NAME = "model.keras"
 HISTORY_NAME = "history.csv"
 CALIBRATION_NAME = "calibration.json"
+CACHE_NAME = "cache.h5"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 WEIGHTS_NAME = "weights.weights.h5"
@@ -56,6 +57,77 @@ class Run:
     def exists(self) -> bool:
         """Whether the folder holds a run (its config.yaml)."""
         return self.file(CONFIG_NAME).is_file()
+
+    @property
+    def has_split(self) -> bool:
+        return self.file(SPLIT_NAME).is_file()
+
+    @property
+    def logs(self) -> Path:
+        return self.path / LOGS
+
+    def fixed_set(self, name: str) -> Path:
+        """The STAR file of a map run's fixed simulated set ``name`` ("val" or "test")."""
+        return self.path / name / "particles.star"
+
+    # ------------------------------------------------------------ settings, split, calibration
+
+    def load_config(self):
+        """The run's TrainingConfig; CryoForumError when the folder holds no run."""
+        from cryo_forum.training.config import TrainingConfig
+
+        if not self.exists:
+            raise CryoForumError(f"{self.path}: not a cryo-forum run folder ({CONFIG_NAME} is missing)")
+        return TrainingConfig.load(self.file(CONFIG_NAME))
+
+    def save_config(self, config) -> None:
+        config.save(self.file(CONFIG_NAME))
+
+    def load_preprocessor(self):
+        """How the run prepares images: the ``images`` section of its config, completed from its data."""
+        preprocessor = self.load_config().images
+        if not preprocessor.is_resolved:
+            raise CryoForumError(f"{self.file(CONFIG_NAME)}: the run never saw its data (images section incomplete)")
+        return preprocessor
+
+    def load_split(self):
+        """The run's :class:`~cryo_forum.streams.splits.Split`."""
+        from cryo_forum.streams.splits import Split
+
+        path = self.file(SPLIT_NAME)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CryoForumError(f"{path}: split file not found") from None
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise CryoForumError(f"{path}: not a readable split file ({error})") from None
+        return Split.from_document(document, str(path))
+
+    def save_split(self, split) -> None:
+        with atomic_output(self.file(SPLIT_NAME)) as tmp:
+            tmp.write_text(json.dumps(split.to_document(), indent=1) + "\n", encoding="utf-8")
+
+    def load_calibration(self) -> dict:
+        """calibration.json; CryoForumError naming the file when it is missing or damaged."""
+        from cryo_forum.prediction.calibration import check_calibration
+
+        path = self.file(CALIBRATION_NAME)
+        if not path.is_file():
+            raise CryoForumError(
+                f"{path}: not found; the run has no uncertainty calibration (train with a qcqp head, or give "
+                "--threshold)"
+            )
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise CryoForumError(f"{path}: cannot read the calibration ({error})") from None
+        return check_calibration(document, str(path))
+
+    def save_calibration(self, calibration: dict) -> Path:
+        path = self.file(CALIBRATION_NAME)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(calibration, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        return path
 
     # ------------------------------------------------------------ checkpoints
 
@@ -152,25 +224,6 @@ class Run:
             raise CryoForumError(f"{path}: a Keras model, but not a cryo-forum orientation estimator")
         return model
 
-    def load_preprocessor(self):
-        """The Preprocessor of preprocess.json."""
-        from cryo_forum.streams.preprocess import Preprocessor
-
-        path = self.file(PREPROCESS_NAME)
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CryoForumError(f"{path}: missing; the run folder is incomplete") from None
-        except (OSError, ValueError) as error:
-            raise CryoForumError(f"{path}: cannot read ({error})") from None
-        if not isinstance(values, dict):
-            raise CryoForumError(f"{path}: not a preprocessing description")
-        return Preprocessor.from_dict(values)
-
-    def save_preprocessor(self, preprocessor) -> None:
-        with atomic_output(self.file(PREPROCESS_NAME)) as tmp:
-            tmp.write_text(json.dumps(preprocessor.to_dict(), indent=2) + "\n")
-
 
 def _csv_value(value) -> str:
     return "" if value is None else repr(float(value)) if isinstance(value, float) else str(value)
@@ -196,3 +249,10 @@ def _fsync_folder(folder: Path) -> None:
     for item in folder.iterdir():
         with open(item, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def load_run(path: str | os.PathLike):
+    """(model, config, preprocessor) of a run folder, with one-line errors for a damaged or foreign one."""
+    run = Run(path)
+    config = run.load_config()
+    return run.load_model(), config, run.load_preprocessor()
