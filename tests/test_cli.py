@@ -42,7 +42,7 @@ def test_every_option_help_is_written_out(command, capsys):
 def test_setting_errors_name_the_option_of_the_command():
     options = {"--coarse", "--max-shift", "--image-size"}
     assert option_name("coarse_deg", options) == "--coarse"
-    assert option_name("shift_px", options) == "--max-shift"
+    assert option_name("max_shift_px", options) == "--max-shift"
     assert option_name("image_size", options) == "--image-size"
     assert option_name("image_size", {"--out"}) is None
     line = cli._error_line("predict", InvalidSetting("image_size", "must be at most 32 px"), {"--out"})

@@ -92,7 +92,7 @@ def shifted_particles(tmp_path_factory):
     """14 noise-free particles at 32 px with CTF and origins up to 2 px, and their map."""
     folder = tmp_path_factory.mktemp("match")
     volume, pixel_size = load_volume(example_map_path(), size=32)
-    write_simulation(folder / "sim", volume, pixel_size, n=14, snr=10.0, ctf=True, shift_px=2.0, seed=4)
+    write_simulation(folder / "sim", volume, pixel_size, n=14, snr=10.0, ctf=True, max_shift_px=2.0, seed=4)
     return folder
 
 

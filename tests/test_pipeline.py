@@ -30,7 +30,7 @@ N = 40
 
 def simulate(folder, seed=1):
     volume, _ = load_volume(example_map_path(), pixel_size=PIXEL_SIZE, size=BOX)
-    write_simulation(folder, volume, PIXEL_SIZE, N, snr=1.0, shift_px=1.0, outlier_fraction=0.25, seed=seed)
+    write_simulation(folder, volume, PIXEL_SIZE, N, snr=1.0, max_shift_px=1.0, outlier_fraction=0.25, seed=seed)
     return ParticleSet.open(folder / "particles.star")
 
 

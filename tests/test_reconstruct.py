@@ -36,12 +36,12 @@ def simulated(folder, volume, pixel_size, n, **options):
 
 @pytest.fixture(scope="module")
 def no_ctf(tmp_path_factory, molecule):
-    return simulated(tmp_path_factory.mktemp("no_ctf"), *molecule, 150, snr=None, ctf=False, shift_px=3.0)
+    return simulated(tmp_path_factory.mktemp("no_ctf"), *molecule, 150, snr=None, ctf=False, max_shift_px=3.0)
 
 
 @pytest.fixture(scope="module")
 def with_ctf(tmp_path_factory, molecule):
-    return simulated(tmp_path_factory.mktemp("ctf"), *molecule, 200, snr=None, ctf=True, shift_px=3.0)
+    return simulated(tmp_path_factory.mktemp("ctf"), *molecule, 200, snr=None, ctf=True, max_shift_px=3.0)
 
 
 def correlation(a, b):
@@ -154,7 +154,7 @@ def c4_molecule(size):
 
 def test_symmetry_c4_from_few_particles_beats_c1(tmp_path):
     particles, source = simulated(
-        tmp_path, c4_molecule(SIZE), PIXEL_SIZE, 12, snr=None, ctf=False, symmetry="C4", shift_px=1.0
+        tmp_path, c4_molecule(SIZE), PIXEL_SIZE, 12, snr=None, ctf=False, symmetry="C4", max_shift_px=1.0
     )
     c1, _ = reconstruct(particles, symmetry="C1")
     c4, _ = reconstruct(particles, symmetry="C4")

@@ -11,7 +11,8 @@ from cryo_forum.physics import renderer as forward_model
 from cryo_forum.physics.ctf import compute_ctf
 from cryo_forum.physics.fourier import translate_images
 from cryo_forum.physics.projection import project
-from cryo_forum.physics.renderer import KINDS, OUTLIER_KINDS, ParticleRenderer
+from cryo_forum.physics.renderer import ParticleRenderer
+from cryo_forum.physics.settings import KINDS, OUTLIER_KINDS
 from cryo_forum.physics.specimens import ICE_DRAWS, VARIANTS_PER_KIND, ice_images, outlier_volumes
 from cryo_forum.streams.batch import RawBatch
 from cryo_forum.streams.preprocess import CTF_KEYS
@@ -20,7 +21,7 @@ from cryo_forum.tensorflow_quiet import tf
 
 SIZE = 32
 PIXEL_SIZE = 3.0
-MIXED = dict(ctf=True, shift_px=3.0, bfactor=(0.0, 80.0), outlier_fraction=0.5, seed=3)
+MIXED = dict(ctf=True, max_shift_px=3.0, bfactor=(0.0, 80.0), outlier_fraction=0.5, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +227,7 @@ def test_batches_follow_the_raw_batch_interface_inside_tf_data(volume):
         assert (batch.ctf[:, column["defocus_u"]] >= batch.ctf[:, column["defocus_v"]]).all()
         np.testing.assert_array_equal(batch.ctf[:, column["voltage"]], 300.0)
         assert set(np.unique(batch.outlier)) <= {0.0, 1.0}
-        assert 0 < np.abs(batch.origin).max() <= MIXED["shift_px"]
+        assert 0 < np.abs(batch.origin).max() <= MIXED["max_shift_px"]
     resumed = next(simulated_batches(volume, PIXEL_SIZE, settings, 8, seed=0, start=2).as_numpy_iterator())
     np.testing.assert_allclose(resumed.images, batches[2].images, atol=1e-6 * np.abs(resumed.images).max())
     other = next(simulated_batches(volume, PIXEL_SIZE, settings, 8, seed=1).as_numpy_iterator())

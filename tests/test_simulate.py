@@ -46,7 +46,7 @@ def origins_px(particles):
 
 
 def test_noise_free_images_are_shifted_projections_at_the_poses_of_the_table(volume):
-    images, _, particles = simulate_particles(volume, PIXEL_SIZE, 12, ctf=False, shift_px=4.0, seed=1)
+    images, _, particles = simulate_particles(volume, PIXEL_SIZE, 12, ctf=False, max_shift_px=4.0, seed=1)
     shifts = origins_px(particles)
     assert np.abs(shifts).max() > 1.0 and np.abs(shifts).max() <= 4.0
     centred = project(volume, true_quaternions(particles))  # from the angles written to the table
@@ -65,7 +65,7 @@ def _centroid(image):
 
 
 def test_ctf_multiplies_the_spectrum_with_the_table_defocus(volume):
-    options = dict(shift_px=2.0, bfactor=(0.0, 50.0), seed=2)
+    options = dict(max_shift_px=2.0, bfactor=(0.0, 50.0), seed=2)
     plain, _, _ = simulate_particles(volume, PIXEL_SIZE, 6, ctf=False, **options)
     images, optics, particles = simulate_particles(volume, PIXEL_SIZE, 6, ctf=True, **options)
     ctf = compute_ctf(
@@ -127,7 +127,7 @@ def test_symmetry_restricts_poses_to_the_asymmetric_unit(volume):
 
 
 def test_a_seed_reproduces_everything_and_chunks_do_not_matter(volume, tmp_path):
-    options = dict(snr=1.0, shift_px=2.0, outlier_fraction=0.3, seed=6)
+    options = dict(snr=1.0, max_shift_px=2.0, outlier_fraction=0.3, seed=6)
     first = simulate_particles(volume, PIXEL_SIZE, 20, **options)
     second = simulate_particles(volume, PIXEL_SIZE, 20, **options)
     np.testing.assert_array_equal(first.images, second.images)
@@ -228,7 +228,7 @@ def test_the_command_and_the_training_stream_give_particle_i_the_same_image(tmp_
         written = mrc.data.copy()
     volume, pixel_size = read_volume(out / "volume.mrc")
     settings = SimulationSettings(
-        n=1, snr=0.5, outlier_fraction=0.6, shift_px=2.0, bfactor=(0.0, 80.0), seed=seed
+        n=1, snr=0.5, outlier_fraction=0.6, max_shift_px=2.0, bfactor=(0.0, 80.0), seed=seed
     )  # n does not matter
     stream = simulated_batches(volume, pixel_size, settings, batch_size, seed=seed, start=1)
     batches = list(stream.take(n // batch_size - 1).as_numpy_iterator())
@@ -260,7 +260,7 @@ def test_the_command_and_the_training_stream_give_particle_i_the_same_image(tmp_
         (["--snr", "0"], "--snr"),
         (["--outliers", "1.5"], "--outliers"),
         (["--outliers", "-0.1"], "--outliers"),
-        (["--max-shift", "-1"], "--max-shift"),  # the field is shift_px
+        (["--max-shift", "-1"], "--max-shift"),  # the field is max_shift_px
         (["--symmetry", "X7"], "--symmetry"),
         (["--apix", "0"], "--apix"),
         (["--defocus-range", "20000", "10000"], "--defocus-range"),
@@ -275,7 +275,7 @@ def test_cli_bad_options_fail_with_one_line_and_write_nothing(tmp_path, capsys, 
     assert cli.main([*argv, "--out", str(tmp_path / "sim")]) == 1
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and named in error
-    assert not re.search(r"\b[a-z]+_[a-z_]+:", error)  # options, not the settings' field names (shift_px: ...)
+    assert not re.search(r"\b[a-z]+_[a-z_]+:", error)  # options, not the settings' field names (max_shift_px: ...)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -356,4 +356,4 @@ def test_every_option_states_its_default_and_the_settings_keep_their_names():
             stated = "(required)" if action.required else "default"
             assert stated in action.help, action.option_strings
     fields = {field.name for field in dataclasses.fields(SimulationSettings)}
-    assert {"n", "snr", "ctf", "defocus_range", "shift_px", "outlier_fraction", "outlier_kinds", "seed"} <= fields
+    assert {"n", "snr", "ctf", "defocus_range", "max_shift_px", "outlier_fraction", "outlier_kinds", "seed"} <= fields

@@ -11,7 +11,6 @@ OPTION_OF_SETTING = {
     "coarse_deg": "--coarse",
     "refine_deg": "--refine",
     "max_shift_px": "--max-shift",
-    "shift_px": "--max-shift",
     "loss_schedule": "--loss-schedule",
     "kind": "--loss-schedule",
     "method": "--augment-method",

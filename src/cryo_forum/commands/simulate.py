@@ -110,7 +110,7 @@ def _settings(args: argparse.Namespace):
         cs=args.cs,
         amplitude_contrast=args.amplitude_contrast,
         bfactor=tuple(args.bfactor) if len(args.bfactor) == 2 else args.bfactor[0],
-        shift_px=args.max_shift,
+        max_shift_px=args.max_shift,
         outlier_fraction=args.outliers,
         outlier_kinds=tuple(kind.strip() for kind in args.outlier_kinds.split(",") if kind.strip()),
         symmetry=args.symmetry,

@@ -28,7 +28,6 @@ particles. The seed of the settings fixes what is shared: the outlier maps and t
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,16 +35,11 @@ from cryo_forum import geometry, resources
 from cryo_forum.physics import keyed_random
 from cryo_forum.physics.ctf import compute_ctf_tf
 from cryo_forum.physics.fourier import FourierGrid
+from cryo_forum.physics.settings import KINDS, SimulationSettings
 from cryo_forum.physics.slices import SpectrumTable
 from cryo_forum.physics.specimens import ICE_DRAWS, VARIANTS_PER_KIND, ice_images, outlier_volumes
 from cryo_forum.tensorflow_quiet import tf
 
-if TYPE_CHECKING:
-    from cryo_forum.streams.simulation import SimulationSettings
-
-INLIER_KIND = "none"
-OUTLIER_KINDS = ("noise", "decoy", "broken", "off_centre", "ice")
-KINDS = (INLIER_KIND, *OUTLIER_KINDS)
 """Particle kinds; a draw's ``kind`` is an index into this tuple (0: a particle)."""
 PILOT_PARTICLES = 256
 _PARTICLES, _PILOTS = 0, 1  # key domains of a seed: the particles, the pilot particles
@@ -173,7 +167,7 @@ class ParticleRenderer:
         direction = 2.0 * math.pi * direction
         return {
             "quaternion": q,
-            "origin": uniform("origin", -s.shift_px, s.shift_px),
+            "origin": uniform("origin", -s.max_shift_px, s.max_shift_px),
             "defocus_u": mean_defocus + astigmatism / 2.0,
             "defocus_v": mean_defocus - astigmatism / 2.0,
             "defocus_angle": uniform("defocus_angle", 0.0, 180.0)[:, 0],

@@ -136,7 +136,7 @@ def simulation_options(data: MapData, symmetry: str) -> dict:
         "snr": data.snr,
         "ctf": data.ctf,
         "defocus_range": tuple(data.defocus_range),
-        "shift_px": data.max_shift_px,
+        "max_shift_px": data.max_shift_px,
         "outlier_fraction": data.outliers,
         "symmetry": symmetry,
     }
