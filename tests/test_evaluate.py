@@ -92,7 +92,7 @@ def test_viewing_directions_are_the_relion_projection_directions():
     euler = np.random.default_rng(1).uniform([-180, 0, -180], [180, 180, 180], size=(20, 3))
     rot, tilt = np.radians(euler[:, 0]), np.radians(euler[:, 1])
     expected = np.stack([np.sin(tilt) * np.cos(rot), np.sin(tilt) * np.sin(rot), np.cos(tilt)], axis=-1)
-    np.testing.assert_allclose(evaluate.viewing_directions(geometry.euler_to_quaternion(euler)), expected, atol=1e-12)
+    np.testing.assert_allclose(geometry.viewing_directions(geometry.euler_to_quaternion(euler)), expected, atol=1e-12)
 
 
 def test_pure_inplane_and_pure_tilt_changes_split_correctly():

@@ -138,6 +138,26 @@ def geodesic_distance(q1: np.ndarray, q2: np.ndarray) -> np.ndarray:
     return 4.0 * np.arctan2(np.linalg.norm(q1 - q2, axis=-1), np.linalg.norm(q1 + q2, axis=-1))
 
 
+def viewing_directions(quaternions: np.ndarray) -> np.ndarray:
+    """Quaternions of A [..., 4] -> viewing directions [..., 3] (the third rows of A)."""
+    return quaternion_to_matrix(quaternions)[..., 2, :]
+
+
+def fibonacci_sphere(count: int) -> np.ndarray:
+    """``count`` nearly equal-area cell centres on the unit sphere, [count, 3]."""
+    index = np.arange(count) + 0.5
+    z = 1.0 - 2.0 * index / count
+    azimuth = np.pi * (1.0 + 5.0**0.5) * index
+    radius = np.sqrt(1.0 - z**2)
+    return np.stack([radius * np.cos(azimuth), radius * np.sin(azimuth), z], axis=-1)
+
+
+def viewing_cells(quaternions: np.ndarray, cells: int) -> np.ndarray:
+    """The nearest of ``cells`` equal-area cells (:func:`fibonacci_sphere`) of each pose's viewing direction [N]."""
+    directions = viewing_directions(np.asarray(quaternions, dtype=np.float64).reshape(-1, 4))
+    return np.argmax(directions @ fibonacci_sphere(cells).T, axis=1)
+
+
 def random_quaternions(n: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
     """n rotations drawn uniformly (Haar measure) from SO(3), as canonical quaternions [n, 4]."""
     rng = np.random.default_rng(rng)

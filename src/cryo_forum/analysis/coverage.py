@@ -22,22 +22,12 @@ MIN_PARTICLES = 50  # fewer particles cannot show a collapse apart from chance
 log = logging.getLogger(__name__)
 
 
-def fibonacci_sphere(count: int) -> np.ndarray:
-    """``count`` nearly equal-area cell centres on the unit sphere, [count, 3]."""
-    index = np.arange(count) + 0.5
-    z = 1.0 - 2.0 * index / count
-    azimuth = np.pi * (1.0 + 5.0**0.5) * index
-    radius = np.sqrt(1.0 - z**2)
-    return np.stack([radius * np.cos(azimuth), radius * np.sin(azimuth), z], axis=-1)
-
-
 def viewing_coverage(quaternions: np.ndarray, symmetry: str = "C1") -> float:
     """Fraction (0-1) of the reachable viewing-direction cells that poses [N, 4] effectively occupy."""
     quaternions = np.asarray(quaternions, dtype=np.float64).reshape(-1, 4)
     if not len(quaternions):
         return 0.0
-    directions = geometry.quaternion_to_matrix(quaternions)[:, 2, :]  # row 3 of A: the viewing direction
-    cells = np.argmax(directions @ fibonacci_sphere(CELLS).T, axis=1)
+    cells = geometry.viewing_cells(quaternions, CELLS)
     counts = np.bincount(cells, minlength=CELLS)
     share = counts[counts > 0] / len(cells)
     effective = float(np.exp(-np.sum(share * np.log(share))))

@@ -124,11 +124,6 @@ class PoseErrors(NamedTuple):
     inplane: np.ndarray
 
 
-def viewing_directions(quaternions: np.ndarray) -> np.ndarray:
-    """Quaternions of A [..., 4] -> viewing directions [..., 3] (the third rows of A)."""
-    return geometry.quaternion_to_matrix(quaternions)[..., 2, :]
-
-
 def closest_mates(q_pred: np.ndarray, q_true: np.ndarray, symmetry: str = "C1") -> np.ndarray:
     """For each particle the mate ``A_true g^T`` (g in the point group) closest to A_pred, as quaternions [N, 4]."""
     q_pred = np.asarray(q_pred, dtype=np.float64)
@@ -149,7 +144,7 @@ def pose_errors(q_pred: np.ndarray, q_true: np.ndarray, symmetry: str = "C1") ->
     """Symmetric pose errors [N] of quaternions [N, 4], split into viewing and in-plane parts (radians)."""
     q_pred = np.asarray(q_pred, dtype=np.float64)
     mates = closest_mates(q_pred, q_true, symmetry)
-    view_pred, view_true = viewing_directions(q_pred), viewing_directions(mates)
+    view_pred, view_true = geometry.viewing_directions(q_pred), geometry.viewing_directions(mates)
     viewing = np.arctan2(
         np.linalg.norm(np.cross(view_pred, view_true), axis=-1), np.sum(view_pred * view_true, axis=-1)
     )
@@ -443,7 +438,7 @@ def write_report(evaluation: Evaluation, out: str | Path, inputs: tuple = ()) ->
         if kept is not None:
             curves["pose, kept"] = pose_deg[kept & evaluated]
         plot("error_cdf", plots.error_cdf, curves, title=f"Cumulative errors ({over})")
-        directions = viewing_directions(evaluation.q_pred)
+        directions = geometry.viewing_directions(evaluation.q_pred)
         title = f"Predicted viewing directions of {len(directions)} particles (equal-area cells)"
         plot("viewing_directions", plots.viewing_direction_map, directions, title=title)
         if evaluation.scores is not None:

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cryo_forum import geometry
-from cryo_forum.errors import CryoForumError
+from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.ctf import compute_ctf
@@ -48,6 +48,7 @@ from cryo_forum.progress import progress as progress_bar
 
 WIENER_CONSTANT = 1.0
 PADDING = 2
+OVERSAMPLING = PADDING**3  # padded voxels per map voxel: each has 1 / OVERSAMPLING of a map voxel's SSNR
 _ENTRIES_PER_CALL = 1 << 22  # trilinear corner entries handed to one np.bincount call
 
 
@@ -121,20 +122,52 @@ class FourierAccumulator:
                 weights[images_of_rows],
             )
 
-    def volume(self, wiener_constant: float = WIENER_CONSTANT) -> np.ndarray:
-        """The map float32 [D, D, D] ([z, y, x], centre at D // 2) from the sums so far."""
-        if wiener_constant < 0:
-            raise ValueError(f"the Wiener constant must be >= 0, got {wiener_constant}")
-        regulariser = np.float32(wiener_constant * self.slice_weight)
+    def _radius(self) -> np.ndarray:
+        """|k| float32 [P, P, P // 2 + 1] of every padded voxel in cycles per map box (padded index / padding)."""
+        k = (np.rint(np.fft.fftfreq(self.padded) * self.padded) / self.padding).astype(np.float32)
+        kx = np.arange(self.shape[2], dtype=np.float32) / self.padding
+        return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+
+    def shell_weight(self, weight: np.ndarray, radius: np.ndarray) -> np.ndarray:
+        """The mean summed weight ``<sum w CTF^2>`` [D // 2 + 1] of the padded voxels of each map shell (their
+        radius rounded), unsampled voxels included, as RELION averages it."""
+        count = self.size // 2 + 1
+        inside = radius < self.size / 2.0
+        shells = np.rint(radius[inside]).astype(np.int64)
+        multiplicity = np.broadcast_to(np.where(np.arange(self.shape[2]) == 0, 1.0, 2.0), self.shape)[inside]
+        total = np.bincount(shells, weights=weight[inside] * multiplicity, minlength=count)
+        voxels = np.bincount(shells, weights=multiplicity, minlength=count)
+        return np.divide(total, voxels, out=np.zeros(count), where=voxels > 0)
+
+    def _regulariser(self, weight: np.ndarray, wiener_constant: float, ssnr: np.ndarray | None) -> np.ndarray:
+        """``wiener_constant * slice_weight`` (a scalar), or with ``ssnr`` [D // 2 + 1] the FSC-weighted
+        ``1 / tau^2 = OVERSAMPLING * <W>(k) / SSNR(k)`` (float32 [P, P, P // 2 + 1], linear in |k|)."""
+        if ssnr is None:
+            if not wiener_constant >= 0:
+                raise InvalidSetting("wiener_constant", f"must be >= 0, got {wiener_constant}")
+            return np.float32(wiener_constant * self.slice_weight)
+        ssnr = np.asarray(ssnr, dtype=np.float64)
+        if ssnr.shape != (self.size // 2 + 1,) or not (ssnr > 0).all():
+            raise ValueError(f"the SSNR needs {self.size // 2 + 1} positive shells, got shape {ssnr.shape}")
+        radius = self._radius()
+        inverse_tau2 = OVERSAMPLING * self.shell_weight(weight, radius) / ssnr
+        return np.interp(radius, np.arange(len(ssnr)), inverse_tau2).astype(np.float32)
+
+    def volume(self, wiener_constant: float = WIENER_CONSTANT, ssnr: np.ndarray | None = None) -> np.ndarray:
+        """The map float32 [D, D, D] ([z, y, x], centre at D // 2) from the sums so far: regularised by the
+        constant ``wiener_constant``, or with ``ssnr`` (the map's SSNR [D // 2 + 1] per shell, see
+        :func:`ssnr_from_fsc`) by ``1 / tau^2`` from it (the FSC-weighted regularisation)."""
         data = self.data.reshape(self.shape)
-        weight = self.weight.reshape(self.shape)
-        denominator = weight + regulariser
-        spectrum = np.divide(data, denominator, out=np.zeros(self.shape, np.complex64), where=denominator > 0)
+        weight = self.weight.reshape(self.shape).copy()
         # Samples near kx = 0 were spread over that plane from both sides: add each voxel's conjugate partner.
         partner = (slice(None, None, -1), slice(None, None, -1), 0)
         plane_data = data[:, :, 0] + np.conj(np.roll(data[partner], 1, axis=(0, 1)))
-        plane_weight = weight[:, :, 0] + np.roll(weight[partner], 1, axis=(0, 1)) + regulariser
-        spectrum[:, :, 0] = np.divide(plane_data, plane_weight, out=np.zeros_like(plane_data), where=plane_weight > 0)
+        weight[:, :, 0] += np.roll(weight[partner], 1, axis=(0, 1))
+        weight += self._regulariser(weight, wiener_constant, ssnr)  # now the denominator
+        spectrum = np.divide(data, weight, out=np.zeros(self.shape, np.complex64), where=weight > 0)
+        plane = weight[:, :, 0]
+        spectrum[:, :, 0] = np.divide(plane_data, plane, out=np.zeros_like(plane_data), where=plane > 0)
+        del weight
         padded = self.padded
         spectrum[~FourierGrid(padded).volume_inside()] = 0.0
         box = np.fft.fftshift(np.fft.irfftn(spectrum, s=(padded,) * 3, axes=(0, 1, 2)))

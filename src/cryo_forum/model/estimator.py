@@ -67,6 +67,11 @@ class OrientationEstimator(keras.Model):
         direct_loss: "geodesic" or "chordal"; pair_weighting: "none", "density" or "histogram".
         uncertainty_weight: weight of the Bingham negative log-likelihood (qcqp head), which calibrates the
             eigenvalues: 0 trains the pose alone.
+        junk_prior: the share of unlabelled training particles whose poses may be meaningless (junk in a
+            consensus refinement; qcqp head). Each such particle's likelihood is then a mixture of its Bingham
+            belief and a uniform one, and its pose losses are weighted by how well the belief explains its label
+            (the mixture's responsibility, held fixed): a particle whose label the image cannot explain stops
+            pulling the network, and its belief goes flat. 0 trusts every label.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class OrientationEstimator(keras.Model):
         direct_loss: str = "geodesic",
         pair_weighting: str = "none",
         uncertainty_weight: float = 0.1,
+        junk_prior: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -88,6 +94,9 @@ class OrientationEstimator(keras.Model):
         self.direct_loss = direct_loss
         self.pair_weighting = pair_weighting
         self.uncertainty_weight = float(uncertainty_weight)
+        self.junk_prior = float(junk_prior)
+        if not 0.0 <= self.junk_prior < 1.0:
+            raise ValueError(f"junk_prior must be in [0, 1), got {junk_prior}")
         self.encoder = build_encoder(**self.encoder_options)
         self.head = build_head(self.head_name, name="head", **self.head_options)
         group = symmetry_quaternions(self.symmetry)
@@ -128,27 +137,57 @@ class OrientationEstimator(keras.Model):
         self.direct_weight.assign(float(direct))
 
     def _pose_losses(self, outputs, targets) -> dict:
-        """The weighted total and its parts: distance, direct, Bingham NLL (qcqp head) and the inlier mask."""
+        """The weighted total and its parts: distance, direct, Bingham NLL (qcqp head) and the inlier mask.
+
+        Every particle counts with its target weight (view balance); labelled outliers count in no pose loss
+        but in the likelihood, whose flat target teaches them a flat belief; with ``junk_prior`` the other
+        particles' pose losses are weighted by their (fixed) responsibility of being explained by their belief.
+        """
         q_pred = outputs["quaternion"]
         q_true = tf.cast(targets.quaternion, q_pred.dtype)
-        inlier = 1.0 - tf.cast(targets.outlier, q_pred.dtype)
+        outlier = tf.cast(targets.outlier, q_pred.dtype)
+        weight = tf.cast(targets.weight, q_pred.dtype)
+        inlier = 1.0 - outlier
         parts = {"inlier": inlier}
-        parts["distance"] = pairwise_distance_loss(q_pred, q_true, self.group, self.pair_weighting, sample_mask=inlier)
+        pose_weight = weight * inlier
+        if self.has_uncertainty:
+            nll, responsibility = self._likelihood(q_true, outputs, outlier)
+            parts["nll"] = tf.math.divide_no_nan(tf.reduce_sum(weight * nll), tf.reduce_sum(weight))
+            pose_weight = pose_weight * responsibility
+        parts["distance"] = pairwise_distance_loss(
+            q_pred, q_true, self.group, self.pair_weighting, sample_mask=pose_weight
+        )
         parts["errors"] = pose_errors(q_pred, q_true, self.group, "geodesic")  # radians, also for the metrics
         per_particle = (
             parts["errors"]
             if self.direct_loss == "geodesic"
             else pose_errors(q_pred, q_true, self.group, self.direct_loss)
         )
-        parts["direct"] = tf.math.divide_no_nan(tf.reduce_sum(per_particle * inlier), tf.reduce_sum(inlier))
+        parts["direct"] = tf.math.divide_no_nan(tf.reduce_sum(per_particle * pose_weight), tf.reduce_sum(pose_weight))
         total = self.distance_weight * parts["distance"] + self.direct_weight * parts["direct"]
         if self.has_uncertainty:
-            parts["nll"] = tf.reduce_mean(bingham_nll(q_true, outputs["matrix"], outputs["eigenvalues"], self.group))
             total = total + self.uncertainty_weight * parts["nll"]
         if self.losses:
             total = total + tf.add_n(self.losses)
         parts["total"] = total
         return parts
+
+    def _likelihood(self, q_true, outputs, outlier):
+        """Per-particle NLL [B] and responsibility [B] (1: the belief explains the label; no gradient).
+
+        Labelled outliers keep the plain Bingham NLL (their target is a flat belief); with ``junk_prior`` e the
+        others use ``-log((1 - e) p_B + e / (2 pi^2))``, 1 / (2 pi^2) being the uniform density on unit
+        quaternions, the value of the Bingham density at zero concentration.
+        """
+        bingham = bingham_nll(q_true, outputs["matrix"], outputs["eigenvalues"], self.group)
+        if self.junk_prior == 0.0:
+            return bingham, tf.ones_like(bingham)
+        explained = math.log(1.0 - self.junk_prior) - bingham
+        unexplained = tf.fill(tf.shape(bingham), math.log(self.junk_prior) - math.log(2.0 * math.pi**2))
+        unexplained = tf.cast(unexplained, bingham.dtype)
+        mixture = -tf.reduce_logsumexp(tf.stack([explained, unexplained]), axis=0)
+        responsibility = tf.stop_gradient(tf.sigmoid(explained - unexplained))
+        return outlier * bingham + (1.0 - outlier) * mixture, responsibility
 
     def _update_metrics(self, parts):
         self.loss_tracker.update_state(parts["total"])
@@ -207,6 +246,7 @@ class OrientationEstimator(keras.Model):
             "direct_loss": self.direct_loss,
             "pair_weighting": self.pair_weighting,
             "uncertainty_weight": self.uncertainty_weight,
+            "junk_prior": self.junk_prior,
         }
 
 

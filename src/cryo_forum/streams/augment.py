@@ -10,6 +10,7 @@ i.e. ``q' = q_z(alpha) (x) q`` (psi' = psi - alpha). Shifts move the content and
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,20 +37,29 @@ class Augmentation:
     """
 
     rotate: bool = True
-    max_shift_px: float = 0.0
+    max_shift_px: float | None = None  # None: chosen from the data (see :meth:`with_shifts_of`)
     method: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.method not in AUGMENT_METHODS:
             raise InvalidSetting("method", f"must be one of {', '.join(AUGMENT_METHODS)}, got {self.method!r}")
-        if not (np.isfinite(self.max_shift_px) and self.max_shift_px >= 0):
+        if self.max_shift_px is not None and not (np.isfinite(self.max_shift_px) and self.max_shift_px >= 0):
             raise InvalidSetting("max_shift_px", f"must be >= 0, got {self.max_shift_px}")
         if not isinstance(self.rotate, bool | np.bool_):
             raise InvalidSetting("rotate", f"must be true or false, got {self.rotate!r}")
 
     @property
     def active(self) -> bool:
-        return bool(self.rotate) or self.max_shift_px > 0
+        return bool(self.rotate) or bool(self.max_shift_px)
+
+    def with_shifts_of(self, origins_px: np.ndarray) -> Augmentation:
+        """These settings with an unset ``max_shift_px`` chosen from the particles' origins [N, 2] (px of the
+        augmented images): twice their spread (std per axis), so re-centred particles are moved as much as
+        particles picked but never aligned are off-centre. A set without origins gets none."""
+        if self.max_shift_px is not None:
+            return self
+        spread = float(np.std(origins_px)) if len(origins_px) else 0.0
+        return dataclasses.replace(self, max_shift_px=round(2.0 * spread, 2))
 
     def __call__(self, images: tf.Tensor, quaternions: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Augment images float32 [B, S, S] and their poses [B, 4]; ``seed`` int [2] (stateless random ops).
@@ -65,7 +75,8 @@ class Augmentation:
         angles = tf.zeros([rows])
         if self.rotate:
             angles = tf.random.stateless_uniform([rows], angle_seed, 0.0, 2.0 * np.pi)
-        shifts = tf.random.stateless_uniform([rows, 2], shift_seed, -self.max_shift_px, self.max_shift_px)
+        reach = self.max_shift_px or 0.0  # unset: no shifts
+        shifts = tf.random.stateless_uniform([rows, 2], shift_seed, -reach, reach)
         if self.method == "fourier":
             moved = self._fourier(images, angles, shifts)
         else:
@@ -77,7 +88,7 @@ class Augmentation:
     def _fourier(self, images: tf.Tensor, angles: tf.Tensor, shifts: tf.Tensor) -> tf.Tensor:
         from cryo_forum.tensorflow_quiet import tf
 
-        rotate, shift = bool(self.rotate), self.max_shift_px > 0
+        rotate, shift = bool(self.rotate), bool(self.max_shift_px)
 
         def move(batch: np.ndarray, batch_angles: np.ndarray, batch_shifts: np.ndarray) -> np.ndarray:
             if rotate:

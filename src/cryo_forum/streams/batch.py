@@ -29,6 +29,7 @@ class RawBatch(NamedTuple):
     outlier: tf.Tensor  # float32 [B]: 1 for a labelled outlier, else 0
     ctf: tf.Tensor  # float32 [B, len(CTF_KEYS)]: CTF parameters in CTF_KEYS order; zeros where unknown
     index: tf.Tensor  # int64 [B]: the particle's index in its set or stream
+    weight: tf.Tensor  # float32 [B]: the particle's weight in the losses (1, or less for over-represented views)
 
 
 class Targets(NamedTuple):
@@ -36,6 +37,7 @@ class Targets(NamedTuple):
 
     quaternion: tf.Tensor  # float32 [B, 4]
     outlier: tf.Tensor  # float32 [B]
+    weight: tf.Tensor  # float32 [B]
 
 
 class ModelBatch(NamedTuple):
@@ -45,14 +47,15 @@ class ModelBatch(NamedTuple):
     targets: Targets
 
 
-def preprocess_images(raw: RawBatch, preprocessor: Preprocessor) -> tf.Tensor:
-    """Preprocessed images float32 [B, S, S] of a RawBatch (the NumPy Preprocessor inside tf.numpy_function)."""
+def preprocess_images(raw: RawBatch, preprocessor: Preprocessor, recentre: bool = False) -> tf.Tensor:
+    """Preprocessed images float32 [B, S, S] of a RawBatch (the NumPy Preprocessor inside tf.numpy_function);
+    with ``recentre`` each particle is first moved back by its origin."""
 
-    def run(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
+    def run(images: np.ndarray, ctf: np.ndarray, origins: np.ndarray) -> np.ndarray:
         params = {key: ctf[:, column] for column, key in enumerate(CTF_KEYS)} if preprocessor.phase_flip else None
-        return preprocessor(images, params)
+        return preprocessor(images, params, origins if recentre else None)
 
-    out = tf.numpy_function(run, [raw.images, raw.ctf], tf.float32, stateful=False)
+    out = tf.numpy_function(run, [raw.images, raw.ctf, raw.origin], tf.float32, stateful=False)
     return tf.ensure_shape(out, [raw.images.shape[0], preprocessor.image_size, preprocessor.image_size])
 
 
@@ -73,10 +76,12 @@ def to_model_batches(
     augmentation: Augmentation | None = None,
     seed: int = 0,
     has_ctf: bool = True,
+    recentre: bool = False,
 ) -> tf.data.Dataset:
     """RawBatches -> ModelBatches: preprocessed images [B, S, S, 1] and their Targets.
 
-    ``preprocessor`` None means the images are preprocessed already (an HDF5 cache). Augmentation runs after
+    ``preprocessor`` None means the images are preprocessed already (an HDF5 cache). ``recentre`` moves each
+    particle back by its origin before anything else (particles with consensus origins). Augmentation runs after
     preprocessing, at the small size, with a per-batch seed from ``seed`` that changes every epoch and repeats
     across runs.
     """
@@ -85,11 +90,11 @@ def to_model_batches(
     base = tf.constant(int(seed), tf.int64)
 
     def convert(raw: RawBatch, batch_seed: tf.Tensor | None = None) -> ModelBatch:
-        images = raw.images if preprocessor is None else preprocess_images(raw, preprocessor)
+        images = raw.images if preprocessor is None else preprocess_images(raw, preprocessor, recentre)
         quaternions = raw.quaternion
         if augment:
             images, quaternions = augmentation(images, quaternions, tf.stack([base, batch_seed]))
-        return ModelBatch(images[..., None], Targets(quaternions, raw.outlier))
+        return ModelBatch(images[..., None], Targets(quaternions, raw.outlier, raw.weight))
 
     if augment:
         seeds = tf.data.Dataset.random(seed=int(seed), rerandomize_each_iteration=True)

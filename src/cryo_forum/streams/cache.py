@@ -1,8 +1,9 @@
 """An HDF5 cache of preprocessed particle images, for sets read many times (``train --cache``).
 
-The file holds dataset ``images`` [N, S, S] float32 (one chunk per image) and, as attributes, a fingerprint
-of what it was made from: preprocessing options, particle names, a sample of raw images, the CTF when phase
-flipping. A cache that no longer matches its particles is refused (or rebuilt on request), never used.
+The file holds dataset ``images`` [N, S, S] float32 (one chunk per image), each particle re-centred by its
+origin, and, as attributes, a fingerprint of what it was made from: preprocessing options, particle names,
+origins, a sample of raw images, the CTF when phase flipping. A cache that no longer matches its particles is
+refused (or rebuilt on request), never used.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def _fingerprint(particles: ParticleSet, preprocessor: Preprocessor) -> dict[str
         "names_sha256": hashlib.sha256(names).hexdigest(),
         "sample_sha256": _digest(particles.images(sample)),
         "ctf_sha256": ctf,
+        "origins_sha256": _digest(particles.shifts_px()),
     }
 
 
@@ -126,6 +128,7 @@ def build_cache(
     attributes = {**_fingerprint(particles, preprocessor), "source": str(particles.source)}
     size = preprocessor.image_size
     ctf = particles.ctf_parameters() if preprocessor.phase_flip else None
+    origins = particles.shifts_px()
     with (
         atomic_output(path) as tmp,
         h5py.File(tmp, "w") as handle,
@@ -136,7 +139,7 @@ def build_cache(
         )
         for indices, raw in particles.iter_batches(batch_size):
             params = None if ctf is None else {key: values[indices] for key, values in ctf.items()}
-            images[indices[0] : indices[-1] + 1] = preprocessor(raw, params)
+            images[indices[0] : indices[-1] + 1] = preprocessor(raw, params, origins[indices])
             bar.update(len(indices))
         images.attrs.update(attributes)
     return ImageCache(path, particles, preprocessor)
@@ -196,6 +199,7 @@ def cached_batches(
     seed: int = 0,
     repeat: bool = False,
     drop_remainder: bool = False,
+    weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """:func:`~cryo_forum.streams.readers.particle_batches` with images [B, S, S] read from ``cache``, already
     preprocessed (pass ``preprocessor=None`` to :func:`~cryo_forum.streams.batch.to_model_batches`). Same
@@ -203,4 +207,4 @@ def cached_batches(
     particles = cache.particles
     indices = check_indices(indices, len(particles), batch_size, drop_remainder)
     batches = index_batches(indices, int(batch_size), shuffle, seed, repeat, drop_remainder)
-    return read_batches(cache.images, cache.image_size, ParticleLabels(particles), batches)
+    return read_batches(cache.images, cache.image_size, ParticleLabels(particles, weights), batches)

@@ -29,7 +29,7 @@ import numpy as np
 
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.physics.ctf import compute_ctf
-from cryo_forum.physics.fourier import fourier_crop, fourier_crop_and_filter
+from cryo_forum.physics.fourier import fourier_crop, fourier_crop_and_filter, translate_images
 
 CTF_KEYS = (
     "defocus_u",
@@ -227,11 +227,15 @@ class Preprocessor:
         """Pixel size of the output images in Angstrom."""
         return float(self.pixel_size_in) * self.input_size / self.image_size
 
-    def __call__(self, images: np.ndarray, ctf_params: Mapping[str, Any] | None = None) -> np.ndarray:
+    def __call__(
+        self, images: np.ndarray, ctf_params: Mapping[str, Any] | None = None, origins: np.ndarray | None = None
+    ) -> np.ndarray:
         """Preprocess images [N, input_size, input_size] -> float32 [N, image_size, image_size].
 
-        ctf_params (see :data:`CTF_KEYS`) is required when phase_flip is set and ignored otherwise.
-        Raises CryoForumError for a wrong shape, non-finite pixels or missing CTF parameters.
+        ctf_params (see :data:`CTF_KEYS`) is required when phase_flip is set and ignored otherwise. ``origins``
+        [N, 2] (x, y, px of the input images) re-centre the particles first: one appears at the box centre minus
+        its origin, so its content is moved by +origin. Raises CryoForumError for a wrong shape, non-finite
+        pixels or missing CTF parameters.
         """
         if not self.is_resolved:
             raise CryoForumError("the preprocessing does not know the images' box and pixel size yet (resolved())")
@@ -241,6 +245,8 @@ class Preprocessor:
         if not np.all(np.isfinite(images)):
             raise CryoForumError("images contain NaN or infinite pixels")
         out = images.astype(np.float32, copy=False)
+        if origins is not None and np.any(origins):
+            out = translate_images(out, np.asarray(origins, dtype=np.float64))
         if self.phase_flip:
             if ctf_params is None:
                 raise CryoForumError("phase flipping needs CTF parameters, and none were given")

@@ -43,9 +43,9 @@ def stream_errors() -> Iterator[None]:
 
 class ParticleLabels:
     """Per-particle numbers of a set, held in memory as float32: quaternion [N, 4], origin [N, 2] (px),
-    outlier [N], ctf [N, len(CTF_KEYS)] (zeros without CTF parameters)."""
+    outlier [N], ctf [N, len(CTF_KEYS)] (zeros without CTF parameters), weight [N] (ones unless given)."""
 
-    def __init__(self, particles: ParticleSet):
+    def __init__(self, particles: ParticleSet, weights: np.ndarray | None = None):
         n = len(particles)
         self.has_ctf = particles.has_ctf
         self.quaternion = particles.quaternions() if particles.has_poses else np.zeros((n, 4))
@@ -56,11 +56,12 @@ class ParticleLabels:
         if particles.has_ctf:
             params = particles.ctf_parameters()
             self.ctf = np.stack([params[key] for key in CTF_KEYS], axis=-1)
-        for name in ("quaternion", "origin", "outlier", "ctf"):
+        self.weight = np.ones(n) if weights is None else weights
+        for name in ("quaternion", "origin", "outlier", "ctf", "weight"):
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.float32))
 
     def rows(self, batch: np.ndarray) -> list[np.ndarray]:
-        return [self.quaternion[batch], self.origin[batch], self.outlier[batch], self.ctf[batch]]
+        return [self.quaternion[batch], self.origin[batch], self.outlier[batch], self.ctf[batch], self.weight[batch]]
 
 
 def check_indices(indices, n: int, batch_size: int, drop_remainder: bool) -> np.ndarray:
@@ -122,7 +123,9 @@ def read_batches(
         return [read(batch), *labels.rows(batch)]
 
     def to_raw(batch: tf.Tensor) -> RawBatch:
-        images, quaternion, origin, outlier, ctf = tf.numpy_function(load, [batch], [tf.float32] * 5, stateful=False)
+        images, quaternion, origin, outlier, ctf, weight = tf.numpy_function(
+            load, [batch], [tf.float32] * 6, stateful=False
+        )
         rows = batch.shape[0]
         return RawBatch(
             images=tf.ensure_shape(images, [rows, size, size]),
@@ -131,6 +134,7 @@ def read_batches(
             outlier=tf.ensure_shape(outlier, [rows]),
             ctf=tf.ensure_shape(ctf, [rows, len(CTF_KEYS)]),
             index=batch,
+            weight=tf.ensure_shape(weight, [rows]),
         )
 
     return batches.map(to_raw, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
@@ -144,25 +148,27 @@ def particle_batches(
     seed: int = 0,
     repeat: bool = False,
     drop_remainder: bool = False,
+    weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """RawBatches of the particles ``indices`` (all by default) with raw images [B, D, D] from the stacks.
 
     Without ``shuffle`` batches follow ``indices`` in order; with it every epoch is a new permutation,
     reproducible with ``seed``. ``repeat`` streams epochs forever (each epoch batched on its own, so a
     batch never holds a particle twice); ``drop_remainder`` drops each epoch's last partial batch and
-    makes the batch size static.
+    makes the batch size static. ``weights`` [N] (per particle of the set) become the batches' loss weights.
     """
     indices = check_indices(indices, len(particles), batch_size, drop_remainder)
     batches = index_batches(indices, int(batch_size), shuffle, seed, repeat, drop_remainder)
-    return read_batches(particles.images, particles.box_size, ParticleLabels(particles), batches)
+    return read_batches(particles.images, particles.box_size, ParticleLabels(particles, weights), batches)
 
 
 def prediction_batches(
-    particles: ParticleSet, preprocessor: Preprocessor, batch_size: int = 256, indices=None
+    particles: ParticleSet, preprocessor: Preprocessor, batch_size: int = 256, indices=None, recentre: bool = True
 ) -> tf.data.Dataset:
     """(indices int64 [B], images float32 [B, S, S, 1]) over ``indices`` (all by default) in that order.
 
-    Every particle is visited once; memory holds a few batches whatever the stack size.
+    Particles with origins are re-centred by them (``recentre``); every particle is visited once; memory holds a
+    few batches whatever the stack size.
     """
     if preprocessor.input_size != particles.box_size:
         raise CryoForumError(
@@ -173,7 +179,7 @@ def prediction_batches(
         raise CryoForumError(f"{particles.source}: phase flipping needs CTF parameters, and these particles have none")
 
     def to_prediction(batch: RawBatch) -> tuple[tf.Tensor, tf.Tensor]:
-        return batch.index, preprocess_images(batch, preprocessor)[..., None]
+        return batch.index, preprocess_images(batch, preprocessor, recentre)[..., None]
 
     raw = particle_batches(particles, indices, batch_size)
     return raw.map(to_prediction, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

@@ -293,6 +293,7 @@ def simulated_batches(
             outlier=tf.ensure_shape(tf.cast(draws["kind"] != 0, tf.float32), [batch_size]),
             ctf=tf.ensure_shape(ctf, [batch_size, len(CTF_KEYS)]),
             index=index,
+            weight=tf.ones([batch_size]),
         )
 
     return tf.data.Dataset.counter(int(start)).map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

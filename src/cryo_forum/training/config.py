@@ -44,6 +44,10 @@ class StarData:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     cache: bool = False  # keep preprocessed images in RUN/cache.h5
+    junk_prior: float = 0.1  # share of the labelled particles that may be junk with meaningless poses
+    balance_views: float = 0.5  # strength of the weights that balance preferred views (0: none)
+    pretrain: bool = True  # first train on particles simulated from the set's own reconstruction
+    pretrain_epochs: int = 60  # epochs of 6400 simulated particles before the real images
 
 
 @dataclass
@@ -61,6 +65,9 @@ class MapData:
     particles_per_epoch: int = 2000
     n_val: int = 500
     n_test: int = 500
+    ctf_from: str | None = None  # a particle file: each simulated particle takes the CTF of one of its particles
+    noise_spectrum: list[float] | None = None  # relative noise power per radial shell of the box (None: white)
+    origin_sigma_px: float | None = None  # normal origins of this std (px) instead of uniform within max_shift_px
 
 
 @dataclass
@@ -153,7 +160,7 @@ SECTIONS: dict[str, type] = {
 }
 DATA_SECTIONS: dict[str, type] = {"star": StarData, "map": MapData}
 FROM_THE_DATA = ("pixel_size_in", "input_size")  # images settings filled in from the data, never set
-PATH_SETTINGS = ("star", "volume", "datadir")
+PATH_SETTINGS = ("star", "volume", "datadir", "ctf_from")
 _FLAT_NAMES = {("loss", "kind"): "loss_schedule", ("augmentation", "method"): "augment_method"}
 _RUNS = {"star": "training on labelled particles", "map": "training from a map"}
 
@@ -235,6 +242,9 @@ class TrainingConfig:
                 ("test_fraction", data.test_fraction, 0 <= data.test_fraction < 1, "must be in [0, 1)"),
                 ("val_fraction", data.val_fraction, data.val_fraction + data.test_fraction < 1,
                  "plus --test-fraction must be below 1"),
+                ("junk_prior", data.junk_prior, 0 <= data.junk_prior < 1, "must be in [0, 1)"),
+                ("balance_views", data.balance_views, 0 <= data.balance_views <= 1, "must be in [0, 1]"),
+                ("pretrain_epochs", data.pretrain_epochs, data.pretrain_epochs > 0, "must be positive"),
             ]  # fmt: skip
         batch = self.optimisation.batch_size
         return [
@@ -247,6 +257,8 @@ class TrainingConfig:
             ("n_val", data.n_val, data.n_val >= 2, "must be at least 2"),
             ("n_test", data.n_test, data.n_test >= 0, "must be >= 0"),
             ("max_shift_px", data.max_shift_px, data.max_shift_px >= 0, "must be >= 0"),
+            ("origin_sigma_px", data.origin_sigma_px, data.origin_sigma_px is None or data.origin_sigma_px >= 0,
+             "must be >= 0"),
             ("defocus_range", data.defocus_range,
              len(data.defocus_range) == 2 and 0 <= data.defocus_range[0] <= data.defocus_range[1],
              "needs 0 <= MIN <= MAX"),

@@ -17,6 +17,7 @@ import numpy as np
 
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.streams.balance import view_balance_weights
 from cryo_forum.streams.batch import to_model_batches
 from cryo_forum.streams.cache import build_cache, cached_batches
 from cryo_forum.streams.preprocess import DEFAULT_IMAGE_SIZE
@@ -29,6 +30,7 @@ from cryo_forum.training.run import CACHE_NAME, Run
 
 log = logging.getLogger(__name__)
 VAL_SEED_OFFSET, TEST_SEED_OFFSET, WORKER_SEED_STRIDE = 1, 2, 1000
+CTF_TABLE_ROWS = 4096
 
 
 @dataclass
@@ -64,6 +66,8 @@ def _inspect_particles(config: TrainingConfig, data: StarData) -> Inspected:
     particles.quaternions()  # non-numeric angles fail here, with the column named
     particles.validate()
     images = config.images.resolved(particles.pixel_size, particles.box_size)
+    origins = particles.shifts_px() * (images.image_size / images.input_size)  # px of the network's images
+    augmentation = config.augmentation.with_shifts_of(origins)
     indices = split_indices(len(particles), data.val_fraction, data.test_fraction, config.seed)
     batch_size = config.optimisation.batch_size
     if len(indices["train"]) < batch_size:
@@ -73,7 +77,7 @@ def _inspect_particles(config: TrainingConfig, data: StarData) -> Inspected:
     split = Split.of_particles(
         particles, indices, val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=config.seed
     )
-    return Inspected(dataclasses.replace(config, images=images), particles, split)
+    return Inspected(dataclasses.replace(config, images=images, augmentation=augmentation), particles, split)
 
 
 def _inspect_map(config: TrainingConfig, data: MapData) -> Inspected:
@@ -106,22 +110,22 @@ def _particle_data(inspected: Inspected, run: Run, resume: bool) -> TrainingData
     if is_chief() and not resume:
         run.save_split(split)
     batch_size, seed = config.optimisation.batch_size, config.seed + WORKER_SEED_STRIDE * worker_index()
+    weights = view_balance_weights(particles.quaternions(), data.balance_views, config.symmetry)
+    stream = {"shuffle": True, "seed": seed, "repeat": True, "drop_remainder": True, "weights": weights}
     if data.cache:
         cache = build_cache(particles, config.images, run.file(CACHE_NAME))
-        train = cached_batches(cache, indices["train"], batch_size, shuffle=True, seed=seed, repeat=True,
-                               drop_remainder=True)  # fmt: skip
+        train = cached_batches(cache, indices["train"], batch_size, **stream)
         val = cached_batches(cache, indices["val"], batch_size)
         preprocessor = None
     else:
-        train = particle_batches(particles, indices["train"], batch_size, shuffle=True, seed=seed, repeat=True,
-                                 drop_remainder=True)  # fmt: skip
+        train = particle_batches(particles, indices["train"], batch_size, **stream)
         val = particle_batches(particles, indices["val"], batch_size)
         preprocessor = config.images
     policy = tf.data.experimental.AutoShardPolicy.DATA
-    has_ctf = particles.has_ctf
+    model_batches = {"has_ctf": particles.has_ctf, "recentre": True}
     return TrainingData(
-        train=_shard(to_model_batches(train, preprocessor, config.augmentation, seed=seed, has_ctf=has_ctf), policy),
-        val=_shard(to_model_batches(val, preprocessor, has_ctf=has_ctf), policy),
+        train=_shard(to_model_batches(train, preprocessor, config.augmentation, seed=seed, **model_batches), policy),
+        val=_shard(to_model_batches(val, preprocessor, **model_batches), policy),
         steps_per_epoch=len(indices["train"]) // batch_size,
         description=(
             f"{len(indices['train'])} training / {len(indices['val'])} validation / {len(indices['test'])} test "
@@ -131,15 +135,30 @@ def _particle_data(inspected: Inspected, run: Run, resume: bool) -> TrainingData
 
 
 def simulation_options(data: MapData, symmetry: str) -> dict:
-    """The :class:`~cryo_forum.streams.simulation.SimulationSettings` fields a map run simulates with."""
-    return {
+    """The :class:`~cryo_forum.physics.settings.SimulationSettings` fields a map run simulates with."""
+    options = {
         "snr": data.snr,
         "ctf": data.ctf,
         "defocus_range": tuple(data.defocus_range),
         "max_shift_px": data.max_shift_px,
+        "origin_sigma_px": data.origin_sigma_px,
         "outlier_fraction": data.outliers,
         "symmetry": symmetry,
     }
+    if data.noise_spectrum is not None:
+        options["noise_spectrum"] = tuple(float(value) for value in data.noise_spectrum)
+    if data.ctf_from is not None:
+        options["ctf_table"] = ctf_table(ParticleSet.open(data.ctf_from))
+    return options
+
+
+def ctf_table(particles: ParticleSet) -> tuple[tuple[float, ...], ...]:
+    """The particles' CTF parameters as rows in CTF_KEYS order (at most CTF_TABLE_ROWS, evenly chosen)."""
+    from cryo_forum.streams.preprocess import CTF_KEYS
+
+    params = particles.ctf_parameters()
+    rows = np.linspace(0, len(particles) - 1, min(len(particles), CTF_TABLE_ROWS)).round().astype(int)
+    return tuple(tuple(float(params[key][row]) for key in CTF_KEYS) for row in rows)
 
 
 def _map_data(config: TrainingConfig, run: Run, first_epoch: int) -> tuple[TrainingConfig, TrainingData]:

@@ -20,7 +20,7 @@ from cryo_forum.model.estimator import OrientationEstimator
 from cryo_forum.streams.readers import stream_errors
 from cryo_forum.tensorflow_quiet import keras
 from cryo_forum.training.callbacks import LossWeightScheduler, TrainingState
-from cryo_forum.training.config import Optimisation, TrainingConfig
+from cryo_forum.training.config import Optimisation, StarData, TrainingConfig
 from cryo_forum.training.data import Inspected, inspect, training_data, validation_set
 from cryo_forum.training.distribution import is_chief, make_strategy
 from cryo_forum.training.run import MODEL_NAME, WEIGHTS_NAME, Run, load_run
@@ -48,6 +48,7 @@ def build_model(config: TrainingConfig) -> OrientationEstimator:
             direct_loss=settings.direct_loss,
             pair_weighting=settings.pair_weighting,
             uncertainty_weight=settings.uncertainty_weight,
+            junk_prior=config.data.junk_prior if isinstance(config.data, StarData) else 0.0,
         )
     except ValueError as error:
         raise CryoForumError(str(error)) from None
