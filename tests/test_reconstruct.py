@@ -1,6 +1,7 @@
 """Direct Fourier reconstruction: agrees with the map the particles were simulated from (true poses, noise-free),
 with a brute-force full-grid reference, and pins the pose, shift and symmetry conventions; the command writes
-the maps and their FSC and refuses bad input."""
+the maps, the mask and their FSC (FSC-weighted by default with half maps, a constant Wiener term on request or
+without half maps) and refuses bad input."""
 
 import json
 
@@ -9,14 +10,21 @@ import pandas as pd
 import pytest
 
 from cryo_forum import cli, geometry
-from cryo_forum.analysis.fsc import fsc
-from cryo_forum.analysis.reconstruct import FourierAccumulator, backproject, half_maps, reconstruct, split_halves
 from cryo_forum.errors import CryoForumError
 from cryo_forum.io import star
 from cryo_forum.io.maps import example_map_path, load_volume
-from cryo_forum.io.mrc import read_volume, write_stack
+from cryo_forum.io.mrc import read_volume, write_stack, write_volume
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.ctf import compute_ctf
+from cryo_forum.physics.reconstruction import (
+    FourierAccumulator,
+    backproject,
+    half_maps,
+    reconstruct,
+    reference_map,
+    split_halves,
+)
+from cryo_forum.physics.resolution import fsc
 from cryo_forum.streams.simulation import write_simulation
 
 SIZE = 32
@@ -197,18 +205,78 @@ def reconstruct_only(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", ["reconstruct"])
 
 
-def test_command_writes_map_half_maps_and_fsc(reconstruct_only, no_ctf, tmp_path, capsys):
+def test_command_writes_map_half_maps_mask_and_fsc(reconstruct_only, no_ctf, tmp_path, capsys):
     particles, _ = no_ctf
     out = tmp_path / "maps" / "map.mrc"
     assert cli.main(["reconstruct", "--star", str(particles.source), "--out", str(out), "--half-maps"]) == 0
-    volume, pixel_size = read_volume(out)
-    assert pixel_size == pytest.approx(PIXEL_SIZE)
-    np.testing.assert_allclose(volume, reconstruct(particles)[0], atol=1e-5 * np.abs(volume).max())
-    for name in ("map_half1.mrc", "map_half2.mrc", "map_fsc/fsc.json", "map_fsc/fsc.png"):
+    expected = reference_map(particles)
+    for name, volume in (("map", expected.map), ("map_half1", expected.half1), ("map_mask", expected.mask)):
+        written, pixel_size = read_volume(out.parent / f"{name}.mrc")
+        assert pixel_size == pytest.approx(PIXEL_SIZE)
+        np.testing.assert_allclose(written, volume, atol=1e-5 * np.abs(volume).max())
+    for name in ("map_half2.mrc", "map_fsc/fsc.json", "map_fsc/fsc.png"):
         assert (out.parent / name).is_file(), name
     report = json.loads((out.parent / "map_fsc" / "fsc.json").read_text())
     assert report["box_size"] == SIZE and report["pixel_size"] == pytest.approx(PIXEL_SIZE)
-    assert f"{report['resolution']['0.143']['angstrom']:.2f} A" in capsys.readouterr().out
+    assert report["regularisation"] == {"kind": "fsc_weighted", "iterations": 2}
+    assert report["fsc_curve"] == "masked_corrected" and report["mask"] == str(out.parent / "map_mask.mrc")
+    assert report["fsc"] == pytest.approx(expected.fsc.corrected.tolist(), abs=1e-6)
+    assert report["unmasked"]["fsc"] == pytest.approx(expected.fsc.unmasked.tolist(), abs=1e-6)
+    printed = capsys.readouterr().out
+    assert f"(FSC = 0.143): {report['resolution']['0.143']['angstrom']:.2f} A" in printed
+    assert "(masked, corrected by phase randomisation)" in printed
+    assert f"unmasked {report['unmasked']['resolution']['0.143']['angstrom']:.2f} A" in printed
+
+
+def test_command_constant_wiener_with_and_without_half_maps(reconstruct_only, no_ctf, tmp_path, capsys):
+    particles, _ = no_ctf
+    star_file = str(particles.source)
+    constant, _ = reconstruct(particles, wiener_constant=0.5)
+    out = tmp_path / "halves" / "map.mrc"
+    assert cli.main(["reconstruct", "--star", star_file, "--out", str(out), "--half-maps", "--wiener", "0.5"]) == 0
+    np.testing.assert_allclose(read_volume(out)[0], constant, atol=1e-5 * np.abs(constant).max())
+    report = json.loads((out.parent / "map_fsc" / "fsc.json").read_text())
+    assert report["regularisation"] == {"kind": "wiener", "constant": 0.5}
+    out = tmp_path / "single" / "map.mrc"
+    assert cli.main(["reconstruct", "--star", star_file, "--out", str(out)]) == 0
+    assert "constant Wiener term C = 1" in capsys.readouterr().err
+    np.testing.assert_allclose(read_volume(out)[0], reconstruct(particles)[0], atol=1e-5 * np.abs(constant).max())
+    assert sorted(path.name for path in out.parent.iterdir()) == ["map.mrc"]
+
+
+def test_command_uses_a_given_mask_and_writes_none(reconstruct_only, no_ctf, tmp_path):
+    particles, _ = no_ctf
+    mask = np.zeros((SIZE,) * 3, dtype=np.float32)
+    mask[4:-4, 4:-4, 4:-4] = 1.0
+    write_volume(tmp_path / "mask.mrc", mask, PIXEL_SIZE)
+    out = tmp_path / "maps" / "map.mrc"
+    arguments = ["reconstruct", "--star", str(particles.source), "--out", str(out), "--half-maps"]
+    assert cli.main([*arguments, "--mask", str(tmp_path / "mask.mrc")]) == 0
+    assert not (out.parent / "map_mask.mrc").exists()
+    report = json.loads((out.parent / "map_fsc" / "fsc.json").read_text())
+    expected = reference_map(particles, mask=mask)
+    assert report["mask"] == str(tmp_path / "mask.mrc")
+    assert report["fsc"] == pytest.approx(expected.fsc.corrected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--half-maps", "--wiener", "-1"], "--wiener: must be >= 0"),
+        (["--half-maps", "--iterations", "0"], "--iterations: must be a positive integer"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+        (["--mask", "mask.mrc"], "--mask: is used with --half-maps only"),
+    ],
+)
+def test_command_refuses_bad_settings(reconstruct_only, no_ctf, tmp_path, capsys, arguments, message):
+    particles, _ = no_ctf
+    write_volume(tmp_path / "mask.mrc", np.ones((SIZE,) * 3, dtype=np.float32), PIXEL_SIZE)
+    arguments = [str(tmp_path / a) if a == "mask.mrc" else a for a in arguments]
+    out = tmp_path / "out" / "map.mrc"
+    assert cli.main(["reconstruct", "--star", str(particles.source), "--out", str(out), *arguments]) == 1
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_command_refuses_a_star_file_without_poses(reconstruct_only, no_ctf, tmp_path, capsys):

@@ -9,7 +9,9 @@ and its noise are the median and the MAD-based standard deviation of the voxels 
 form the core: well above what low-passed noise reaches (a noise-only map gives no core at all) and a fraction
 of the particle's peak. Only the largest connected component (6-connected, ``scipy.ndimage.label``) is kept;
 the mask is 1 within ``extend_px`` voxels of it and falls to 0 over a raised-cosine edge ``soft_edge_px`` wide
-(both by the Euclidean distance to the core). Maps are ``[z, y, x]``.
+(both by the Euclidean distance to the core). :func:`half_map_mask` masks the mean of two half maps, low-passed
+to twice their resolution (at least MASK_LOWPASS_ANGSTROM, at most a quarter of the box: a worse map gets a
+smoother mask). Maps are ``[z, y, x]``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from cryo_forum.errors import InvalidSetting
+from cryo_forum.physics.resolution import HALF_MAP_THRESHOLD, fsc, resolution_at
 
 MASK_LOWPASS_ANGSTROM = 15.0
 EXTEND_PX = 3.0
@@ -33,7 +36,7 @@ def lowpass(volume: np.ndarray, pixel_size: float, angstrom: float) -> np.ndarra
     sigma_px = np.sqrt(np.log(2.0) / 2.0) / (np.pi * cutoff)  # real-space sigma of that Gaussian
     size = volume.shape[-1]
     spectrum = ndimage.fourier_gaussian(np.fft.rfftn(np.asarray(volume, dtype=np.float64)), sigma_px, n=size)
-    return np.fft.irfftn(spectrum, s=volume.shape)
+    return np.fft.irfftn(spectrum, s=volume.shape, axes=(0, 1, 2))
 
 
 def outside_sphere(size: int) -> np.ndarray:
@@ -93,3 +96,17 @@ def auto_mask(
     smooth = lowpass(volume, pixel_size, lowpass_angstrom)
     core = largest_component(smooth > mask_threshold(smooth))
     return soft_edge(core, extend_px, soft_edge_px)
+
+
+def mask_lowpass(resolution_angstrom: float, size: int, pixel_size: float) -> float:
+    """How far (A) to low-pass a map of ``resolution_angstrom`` in a box of ``size`` px before masking it."""
+    return min(max(MASK_LOWPASS_ANGSTROM, 2.0 * resolution_angstrom), size * pixel_size / 4.0)
+
+
+def half_map_mask(half1: np.ndarray, half2: np.ndarray, pixel_size: float) -> np.ndarray:
+    """:func:`auto_mask` float32 [D, D, D] of the mean of two maps [D, D, D], low-passed by :func:`mask_lowpass`
+    of their unmasked FSC's resolution (at 0.143)."""
+    frequencies, curve = fsc(half1, half2, pixel_size)
+    resolution = resolution_at(frequencies, curve, HALF_MAP_THRESHOLD).angstrom
+    mean = 0.5 * (np.asarray(half1, dtype=np.float64) + half2)
+    return auto_mask(mean, pixel_size, mask_lowpass(resolution, mean.shape[0], pixel_size))

@@ -20,11 +20,30 @@ is not smeared by interpolating the image spectrum); the price is that frequenci
 1 / (D px), are filled by trilinear spreading from that ring, so the map's smoothest component (a gentle background,
 part of its total) is approximate, as image normalisation makes it in real data anyway.
 
+FSC weighting (:func:`reference_map`; RELION's tau^2 regularisation) lets the data set the term instead. The
+half maps' FSC (masked and corrected for the mask, :func:`~cryo_forum.physics.resolution.masked_fsc`) gives each map's
+spectral SNR per shell k, ``FSC / (1 - FSC)`` for a half map and ``2 FSC / (1 - FSC)`` for the map of both
+(:func:`ssnr_from_fsc`), and each voxel's term becomes
+
+    1 / tau^2(k) = <sum(w CTF^2)>_k / SSNR(k)
+
+with ``<>_k`` the mean over the padded voxels of map shell k, unsampled ones included (RELION's ``sigma2``). Per
+unit of weight this is ``1 / SSNR``: the inverse SNR an image brings there, small where the half maps agree and
+large beyond the resolution, so the map is damped where the data stop agreeing, and within a shell more where
+few images or CTF zeros left a voxel thin. A voxel of the shell's mean weight gets the Wiener gain
+``SSNR / (1 + SSNR)``. That gain, common to the shell, is divided out on the padded grid and applied to the
+cropped map (:func:`shell_filter`): the product is the formula, but a gain that falls steeply beyond the
+resolution, applied before the crop (which convolves the padded spectrum), would leak the stronger shells below
+into the damped ones above. RELION multiplies the term by padding^3 for its own normalisation; here
+``sum(w CTF F) / sum(w CTF^2)`` already is the map's spectrum, and in simulations the map without that factor
+correlates best with the truth.
+
 With a point group each image is inserted at every symmetry-equivalent pose ``A g^T`` (the map obeys
 ``V(g x) = V(x)``). Only half the Fourier grid is stored (``kx >= 0``, as ``numpy.fft.rfftn`` lays it out) and
 only half of each image's spectrum is inserted; samples landing at ``kx < 0`` go in as their complex conjugate
 at ``-k``. The accumulators take ``12 * 4 D^3`` bytes (about 100 MB for D = 128, 800 MB for D = 256; computing
-a map briefly needs twice that, and :func:`half_maps` holds two accumulators); particles are streamed in
+a map briefly needs about three times that, and :func:`half_maps` and :func:`reference_map` hold two
+accumulators); particles are streamed in
 batches and inserted with :func:`cryo_forum.physics.slices.insert_slices` (the adjoint of the projector's
 slice reader, with ``np.bincount``), so memory does not grow with their number.
 
@@ -33,6 +52,7 @@ Maps are ``[z, y, x]`` with their centre at voxel ``D // 2``; poses are RELION m
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import numpy as np
@@ -43,12 +63,18 @@ from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.ctf import compute_ctf
 from cryo_forum.physics.fourier import FourierGrid
+from cryo_forum.physics.masks import half_map_mask
+from cryo_forum.physics.resolution import MaskedFSC, Resolution, masked_fsc
 from cryo_forum.physics.slices import insert_slices
 from cryo_forum.progress import progress as progress_bar
 
+log = logging.getLogger("cryo_forum")
+
 WIENER_CONSTANT = 1.0
+TAU2_ITERATIONS = 2
+FSC_FLOOR = 1e-3  # the half-map FSC is clipped to [FSC_FLOOR, FSC_CEILING] before it becomes an SSNR
+FSC_CEILING = 0.999
 PADDING = 2
-OVERSAMPLING = PADDING**3  # padded voxels per map voxel: each has 1 / OVERSAMPLING of a map voxel's SSNR
 _ENTRIES_PER_CALL = 1 << 22  # trilinear corner entries handed to one np.bincount call
 
 
@@ -128,7 +154,7 @@ class FourierAccumulator:
         kx = np.arange(self.shape[2], dtype=np.float32) / self.padding
         return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
 
-    def shell_weight(self, weight: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    def _shell_weight(self, weight: np.ndarray, radius: np.ndarray) -> np.ndarray:
         """The mean summed weight ``<sum w CTF^2>`` [D // 2 + 1] of the padded voxels of each map shell (their
         radius rounded), unsampled voxels included, as RELION averages it."""
         count = self.size // 2 + 1
@@ -139,44 +165,76 @@ class FourierAccumulator:
         voxels = np.bincount(shells, weights=multiplicity, minlength=count)
         return np.divide(total, voxels, out=np.zeros(count), where=voxels > 0)
 
-    def _regulariser(self, weight: np.ndarray, wiener_constant: float, ssnr: np.ndarray | None) -> np.ndarray:
-        """``wiener_constant * slice_weight`` (a scalar), or with ``ssnr`` [D // 2 + 1] the FSC-weighted
-        ``1 / tau^2 = OVERSAMPLING * <W>(k) / SSNR(k)`` (float32 [P, P, P // 2 + 1], linear in |k|)."""
-        if ssnr is None:
-            if not wiener_constant >= 0:
-                raise InvalidSetting("wiener_constant", f"must be >= 0, got {wiener_constant}")
-            return np.float32(wiener_constant * self.slice_weight)
-        ssnr = np.asarray(ssnr, dtype=np.float64)
-        if ssnr.shape != (self.size // 2 + 1,) or not (ssnr > 0).all():
-            raise ValueError(f"the SSNR needs {self.size // 2 + 1} positive shells, got shape {ssnr.shape}")
-        radius = self._radius()
-        inverse_tau2 = OVERSAMPLING * self.shell_weight(weight, radius) / ssnr
-        return np.interp(radius, np.arange(len(ssnr)), inverse_tau2).astype(np.float32)
-
-    def volume(self, wiener_constant: float = WIENER_CONSTANT, ssnr: np.ndarray | None = None) -> np.ndarray:
-        """The map float32 [D, D, D] ([z, y, x], centre at D // 2) from the sums so far: regularised by the
-        constant ``wiener_constant``, or with ``ssnr`` (the map's SSNR [D // 2 + 1] per shell, see
-        :func:`ssnr_from_fsc`) by ``1 / tau^2`` from it (the FSC-weighted regularisation)."""
+    def _spectrum(self, wiener_constant: float, ssnr: np.ndarray | None) -> np.ndarray:
+        """The regularised spectrum complex64 [P, P, P // 2 + 1], zero from Nyquist on; with ``ssnr`` its shell
+        gain ``<W> / (<W> + 1 / tau^2)`` is divided out (:meth:`volume` applies it to the cropped map)."""
         data = self.data.reshape(self.shape)
         weight = self.weight.reshape(self.shape).copy()
         # Samples near kx = 0 were spread over that plane from both sides: add each voxel's conjugate partner.
         partner = (slice(None, None, -1), slice(None, None, -1), 0)
         plane_data = data[:, :, 0] + np.conj(np.roll(data[partner], 1, axis=(0, 1)))
         weight[:, :, 0] += np.roll(weight[partner], 1, axis=(0, 1))
-        weight += self._regulariser(weight, wiener_constant, ssnr)  # now the denominator
+        if ssnr is None:
+            weight += np.float32(_checked_wiener(wiener_constant) * self.slice_weight)  # now the denominator
+        else:
+            radius, shells = self._radius(), np.arange(len(ssnr))
+            weight += np.interp(radius, shells, self._shell_weight(weight, radius) / ssnr).astype(np.float32)
         spectrum = np.divide(data, weight, out=np.zeros(self.shape, np.complex64), where=weight > 0)
         plane = weight[:, :, 0]
         spectrum[:, :, 0] = np.divide(plane_data, plane, out=np.zeros_like(plane_data), where=plane > 0)
-        del weight
+        del weight, plane_data
+        if ssnr is not None:
+            spectrum *= np.interp(radius, shells, 1.0 + 1.0 / ssnr).astype(np.float32)
+        spectrum[~FourierGrid(self.padded).volume_inside()] = 0.0
+        return spectrum
+
+    def _cropped(self, spectrum: np.ndarray) -> np.ndarray:
+        """The map float64 [D, D, D] of a padded spectrum: transformed back, cropped, gridding-corrected."""
         padded = self.padded
-        spectrum[~FourierGrid(padded).volume_inside()] = 0.0
         box = np.fft.fftshift(np.fft.irfftn(spectrum, s=(padded,) * 3, axes=(0, 1, 2)))
         start = padded // 2 - self.size // 2
         crop = box[start : start + self.size, start : start + self.size, start : start + self.size]
         correction = FourierGrid(self.size).gridding_correction(padded)  # undoes trilinear gridding, per axis
-        return (crop * (correction[:, None, None] * correction[None, :, None] * correction[None, None, :])).astype(
-            np.float32
-        )
+        return crop * (correction[:, None, None] * correction[None, :, None] * correction[None, None, :])
+
+    def volume(self, wiener_constant: float = WIENER_CONSTANT, ssnr: np.ndarray | None = None) -> np.ndarray:
+        """The map float32 [D, D, D] ([z, y, x], centre at D // 2) from the sums so far: regularised by the
+        constant ``wiener_constant``, or with ``ssnr`` (this map's SSNR [D // 2 + 1] per shell, see
+        :func:`ssnr_from_fsc`) by ``1 / tau^2`` from it (FSC weighting; see the module)."""
+        if ssnr is not None:
+            ssnr = np.asarray(ssnr, dtype=np.float64)
+            if ssnr.shape != (self.size // 2 + 1,) or not (ssnr > 0).all():
+                raise InvalidSetting("ssnr", f"needs {self.size // 2 + 1} positive shells, got {ssnr.shape}")
+        volume = self._cropped(self._spectrum(wiener_constant, ssnr))
+        if ssnr is not None:
+            volume = shell_filter(volume, ssnr / (1.0 + ssnr))
+        return volume.astype(np.float32)
+
+
+def shell_filter(volume: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """The map [D, D, D] with each Fourier shell (rounded radius, as the FSC's) multiplied by ``gain``
+    [D // 2 + 1]; the corners beyond Nyquist take the Nyquist shell's gain."""
+    size = volume.shape[0]
+    shells = FourierGrid(size).volume_shells()[0]
+    factor = np.asarray(gain, dtype=np.float64)[np.minimum(shells, size // 2)]
+    return np.fft.irfftn(np.fft.rfftn(volume) * factor, s=volume.shape, axes=(0, 1, 2))
+
+
+def _checked_wiener(value: float) -> float:
+    if not value >= 0:
+        raise InvalidSetting("wiener_constant", f"must be >= 0, got {value}")
+    return float(value)
+
+
+def check_settings(
+    wiener_constant: float | None = None, iterations: int = TAU2_ITERATIONS, batch_size: int = 256
+) -> None:
+    """Raise :class:`~cryo_forum.errors.InvalidSetting` for the first setting out of range (before any work)."""
+    if wiener_constant is not None:
+        _checked_wiener(wiener_constant)
+    for setting, value in (("iterations", iterations), ("batch_size", batch_size)):
+        if int(value) != value or value < 1:
+            raise InvalidSetting(setting, f"must be a positive integer, got {value}")
 
 
 class HalfMaps(NamedTuple):
@@ -207,6 +265,7 @@ def backproject(
     progress: bool = False,
 ) -> FourierAccumulator:
     """Insert the particles ``indices`` (all by default) with their poses, origins and CTFs (if any)."""
+    check_settings(batch_size=batch_size)
     chosen = _selection(particles, indices)
     accumulator = FourierAccumulator(particles.box_size, symmetry)
     matrices = geometry.quaternion_to_matrix(particles.quaternions())
@@ -233,6 +292,7 @@ def reconstruct(
     progress: bool = False,
 ) -> tuple[np.ndarray, float]:
     """The map float32 [D, D, D] of the particles ``indices`` (default all) and its pixel size in A."""
+    _checked_wiener(wiener_constant)
     accumulator = backproject(particles, indices, symmetry, batch_size, progress)
     return accumulator.volume(wiener_constant), particles.pixel_size
 
@@ -266,7 +326,9 @@ def half_maps(
     batch_size: int = 256,
     progress: bool = False,
 ) -> HalfMaps:
-    """Maps of the two half sets (:func:`split_halves`) and of all particles, each image read once."""
+    """Maps of the two half sets (:func:`split_halves`) and of all particles, each image read once, with the
+    constant Wiener term (:func:`reference_map` for the FSC-weighted ones)."""
+    _checked_wiener(wiener_constant)
     first, second = split_halves(particles, indices, subset_column)
     accumulator = backproject(particles, first, symmetry, batch_size, progress)
     half1 = accumulator.volume(wiener_constant)
@@ -275,3 +337,83 @@ def half_maps(
     accumulator += other
     del other
     return HalfMaps(accumulator.volume(wiener_constant), half1, half2, particles.pixel_size)
+
+
+def ssnr_from_fsc(curve: np.ndarray, full: bool = False) -> np.ndarray:
+    """The SSNR [D // 2 + 1] of one half map, ``FSC / (1 - FSC)``, or with ``full`` of the map of both halves,
+    ``2 FSC / (1 - FSC)``, from the half maps' FSC [D // 2 + 1]. The FSC is clipped to [FSC_FLOOR, FSC_CEILING]
+    and held at the floor from the first shell where it falls below it (later upturns are noise); shell 0, a
+    single coefficient, takes shell 1's value."""
+    curve = np.asarray(curve, dtype=np.float64)
+    clipped = np.clip(curve, FSC_FLOOR, FSC_CEILING)
+    fallen = np.flatnonzero(curve[1:] < FSC_FLOOR)
+    if len(fallen):
+        clipped[fallen[0] + 1 :] = FSC_FLOOR
+    clipped[0] = clipped[1]
+    return (2.0 if full else 1.0) * clipped / (1.0 - clipped)
+
+
+class ReferenceMap(NamedTuple):
+    """A map to use as a reference. ``map`` of all particles and the half maps ``half1``, ``half2`` (float32
+    [D, D, D]); ``mask`` (float32 [D, D, D] in [0, 1], all zeros if none was found) in which ``fsc``, the
+    half maps' :class:`~cryo_forum.physics.resolution.MaskedFSC`, was measured; ``resolution`` where its corrected
+    curve falls below 0.143; ``pixel_size`` (A); ``regularisation``, what regularised the maps (JSON-ready)."""
+
+    map: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
+    mask: np.ndarray
+    fsc: MaskedFSC
+    resolution: Resolution
+    pixel_size: float
+    regularisation: dict
+
+
+def _mask_and_fsc(maps: list[np.ndarray], pixel_size: float, mask: np.ndarray | None) -> tuple[np.ndarray, MaskedFSC]:
+    """The mask (``mask``, else :func:`~cryo_forum.physics.masks.half_map_mask` of the half maps) and the half
+    maps' FSC in it."""
+    used = half_map_mask(*maps, pixel_size) if mask is None else mask
+    return used, masked_fsc(*maps, used, pixel_size)
+
+
+def reference_map(
+    particles: ParticleSet,
+    indices=None,
+    symmetry: str = "C1",
+    wiener_constant: float | None = None,
+    iterations: int = TAU2_ITERATIONS,
+    mask: np.ndarray | None = None,
+    subset_column: str = star.RANDOM_SUBSET,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> ReferenceMap:
+    """Half maps (:func:`split_halves`), the map of all particles, a mask and the masked FSC, each image read once.
+
+    By default the maps are FSC-weighted: half maps with the constant Wiener term give the masked, corrected
+    FSC, its SSNR (:func:`ssnr_from_fsc`) regularises the half maps again (``iterations`` times) and the last
+    FSC the full map. A number ``wiener_constant`` keeps the constant term instead. ``mask`` [D, D, D] replaces
+    the automatic one. Holds two accumulators (see the module).
+    """
+    check_settings(wiener_constant, iterations, batch_size)
+    if mask is not None and np.shape(mask) != (particles.box_size,) * 3:
+        raise InvalidSetting("mask", f"has shape {np.shape(mask)}, the maps {(particles.box_size,) * 3}")
+    pixel_size = particles.pixel_size
+    first, second = split_halves(particles, indices, subset_column)
+    halves = [backproject(particles, half, symmetry, batch_size, progress) for half in (first, second)]
+    constant = WIENER_CONSTANT if wiener_constant is None else wiener_constant
+    maps = [half.volume(constant) for half in halves]
+    used_mask, result = _mask_and_fsc(maps, pixel_size, mask)
+    regularisation = {"kind": "wiener", "constant": float(constant)}
+    if wiener_constant is None:
+        for iteration in range(1, int(iterations) + 1):
+            log.info(f"FSC weighting {iteration}/{iterations}: half maps at {result.resolution()} (FSC = 0.143)")
+            ssnr = ssnr_from_fsc(result.corrected)
+            maps = [half.volume(ssnr=ssnr) for half in halves]
+            used_mask, result = _mask_and_fsc(maps, pixel_size, mask)
+        regularisation = {"kind": "fsc_weighted", "iterations": int(iterations)}
+    if not result.has_mask:
+        log.warning("no density stands out of the noise in the half maps: no mask, the unmasked FSC is used")
+    halves[0] += halves.pop()
+    full_ssnr = ssnr_from_fsc(result.corrected, full=True) if wiener_constant is None else None
+    full = halves[0].volume(constant, ssnr=full_ssnr)
+    return ReferenceMap(full, *maps, used_mask, result, result.resolution(), pixel_size, regularisation)
