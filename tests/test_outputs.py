@@ -18,6 +18,7 @@ from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.streams.simulation import write_simulation
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1", "--epochs", "1"]
+TINY += ["--no-pretrain"]
 
 
 @pytest.fixture(scope="module")

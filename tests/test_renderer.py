@@ -5,18 +5,20 @@ import numpy as np
 import pytest
 
 from cryo_forum import geometry
+from cryo_forum.errors import InvalidSetting
+from cryo_forum.io import star
 from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.physics import keyed_random
 from cryo_forum.physics import renderer as forward_model
 from cryo_forum.physics.ctf import compute_ctf
-from cryo_forum.physics.fourier import translate_images
+from cryo_forum.physics.fourier import FourierGrid, translate_images
 from cryo_forum.physics.projection import project
 from cryo_forum.physics.renderer import ParticleRenderer
-from cryo_forum.physics.settings import KINDS, OUTLIER_KINDS
+from cryo_forum.physics.settings import CTF_TABLE_COLUMNS, KINDS, OUTLIER_KINDS
 from cryo_forum.physics.specimens import ICE_DRAWS, VARIANTS_PER_KIND, ice_images, outlier_volumes
 from cryo_forum.streams.batch import RawBatch
 from cryo_forum.streams.preprocess import CTF_KEYS
-from cryo_forum.streams.simulation import SimulationSettings, simulated_batches
+from cryo_forum.streams.simulation import SimulationSettings, simulate_particles, simulated_batches
 from cryo_forum.tensorflow_quiet import tf
 
 SIZE = 32
@@ -234,3 +236,122 @@ def test_batches_follow_the_raw_batch_interface_inside_tf_data(volume):
     assert not np.allclose(other.quaternion, batches[0].quaternion)
     plain = simulated_batches(volume, PIXEL_SIZE, SimulationSettings(n=1, ctf=False), 4, seed=0)
     np.testing.assert_array_equal(next(plain.as_numpy_iterator()).ctf, 0.0)
+
+
+# ---------------------------------------------------------------- measured properties of a data set
+
+
+def radial_power(images):
+    """Mean |rfft2|^2 per integer radial shell [D // 2 + 1] of images [N, D, D] (half plane, corners left out)."""
+    grid = FourierGrid(images.shape[-1])
+    power = np.mean(np.abs(np.fft.rfft2(images)) ** 2, axis=0)
+    shells = np.arange(images.shape[-1] // 2 + 1)
+    return np.array([power[grid.shells == shell].mean() for shell in shells])
+
+
+def test_coloured_noise_has_the_requested_radial_power_spectrum(volume):
+    shells = np.arange(SIZE // 2 + 1)
+    spectrum = 0.1 + 1.0 / (1.0 + (shells / 4.0) ** 2)  # falling tenfold, then a floor
+    options = dict(snr=0.5, outlier_fraction=1.0, outlier_kinds=("noise",), seed=3)  # noise only
+    white = ParticleRenderer(volume, PIXEL_SIZE, SimulationSettings(n=1, **options))
+    coloured = ParticleRenderer(volume, PIXEL_SIZE, SimulationSettings(n=1, noise_spectrum=spectrum, **options))
+    assert coloured.noise_std == white.noise_std  # the level is the snr's, the spectrum only its shape
+    images = coloured.render(np.arange(512), seed=1)[0].numpy()
+    assert images.std() == pytest.approx(coloured.noise_std, rel=0.02)
+    measured = radial_power(images)[1:]  # shell 0 holds a single coefficient
+    np.testing.assert_allclose(measured / measured.mean(), spectrum[1:] / spectrum[1:].mean(), rtol=0.12)
+    flat = radial_power(white.render(np.arange(512), seed=1)[0].numpy())[1:]
+    assert flat.max() / flat.min() < 1.3 and measured.max() / measured.min() > 4
+    np.testing.assert_allclose(forward_model.noise_filter(SIZE, np.ones(SIZE // 2 + 1)), 1.0)
+    with pytest.raises(InvalidSetting, match=r"noise_spectrum: .* 17 values"):
+        ParticleRenderer(volume, PIXEL_SIZE, SimulationSettings(n=1, noise_spectrum=spectrum[:-1], **options))
+
+
+CTF_ROWS = (
+    (8000.0, 7600.0, 10.0, 300.0, 2.7, 0.1, 40.0, 0.0),
+    (21000.0, 20500.0, 95.0, 200.0, 2.7, 0.07, 120.0, 0.0),
+    (15000.0, 15000.0, 0.0, 300.0, 0.01, 0.1, 0.0, 90.0),
+)
+
+
+def test_ctf_table_rows_are_what_particles_draw_and_what_batches_and_star_files_report(volume):
+    settings = SimulationSettings(n=1, snr=1.0, ctf_table=CTF_ROWS, seed=3)
+    assert hash(settings) == hash(SimulationSettings(n=1, snr=1.0, ctf_table=[list(row) for row in CTF_ROWS], seed=3))
+    renderer = ParticleRenderer(volume, PIXEL_SIZE, settings)
+    draws = numpy_draws(renderer, np.arange(600))
+    drawn = np.stack([draws[key] for key in CTF_KEYS], axis=1)
+    np.testing.assert_allclose(drawn, np.asarray(CTF_ROWS, np.float32)[draws["ctf_row"]])
+    assert np.bincount(draws["ctf_row"], minlength=3).tolist() == pytest.approx([200, 200, 200], abs=4 * 11.5)
+    again = numpy_draws(renderer, np.arange(600)[::-1])["ctf_row"][::-1]
+    np.testing.assert_array_equal(again, draws["ctf_row"])  # keyed by (seed, index)
+    # the images are filtered by their row's CTF: a projection through that CTF, whatever the other rows
+    chosen = {key: value[:4] for key, value in draws.items()}
+    chosen["kind"][:] = 0
+    projections = translate_images(project(volume, chosen["quaternion"]), -chosen["origin"])
+    ctf = compute_ctf(SIZE, PIXEL_SIZE, *(chosen[key] for key in CTF_KEYS), rfft=True)
+    expected = np.fft.irfft2(np.fft.rfft2(projections) * ctf, s=(SIZE, SIZE))
+    np.testing.assert_allclose(renderer.signal(chosen).numpy(), expected, atol=2e-5 * np.abs(expected).max())
+
+    batch = next(simulated_batches(volume, PIXEL_SIZE, settings, 64, seed=0).as_numpy_iterator())
+    rows = numpy_draws(renderer, np.arange(64))["ctf_row"]
+    np.testing.assert_allclose(batch.ctf, np.asarray(CTF_ROWS, np.float32)[rows])
+    simulated = simulate_particles(volume, PIXEL_SIZE, 64, snr=1.0, ctf_table=CTF_ROWS, seed=3)  # stream of seed 3
+    assert len(simulated.optics) == 3  # one optics group per (voltage, Cs, amplitude contrast)
+    table = simulated.particles.copy()
+    optics = simulated.optics.set_index(star.OPTICS_GROUP)
+    for column in (star.VOLTAGE, star.CS, star.AMPLITUDE_CONTRAST):
+        table[column] = table[star.OPTICS_GROUP].map(optics[column])
+    columns = [star.DEFOCUS_U, star.DEFOCUS_V, star.DEFOCUS_ANGLE, star.VOLTAGE, star.CS, star.AMPLITUDE_CONTRAST]
+    columns += [star.CTF_BFACTOR, star.PHASE_SHIFT]
+    rows = numpy_draws(renderer, np.arange(64), seed=3)["ctf_row"]
+    np.testing.assert_allclose(table[columns].to_numpy(), np.asarray(CTF_ROWS)[rows], rtol=1e-6)
+
+
+def test_normal_origins_have_the_requested_std_and_are_clipped_at_the_largest_shift(volume):
+    normal = ParticleRenderer(volume, PIXEL_SIZE, SimulationSettings(n=1, ctf=False, origin_sigma_px=2.0))
+    origins = numpy_draws(normal, np.arange(4000))["origin"]
+    assert origins.std(axis=0) == pytest.approx([2.0, 2.0], rel=0.05)
+    assert np.abs(origins.mean(axis=0)).max() < 0.1 and np.abs(origins).max() > 6.0  # normal, unbounded tails
+    assert np.mean(np.abs(origins) < 2.0) == pytest.approx(0.683, abs=0.02)
+    clipped = ParticleRenderer(
+        volume, PIXEL_SIZE, SimulationSettings(n=1, ctf=False, origin_sigma_px=2, max_shift_px=3)
+    )
+    bounded = numpy_draws(clipped, np.arange(4000))["origin"]
+    assert np.abs(bounded).max() == 3.0
+    np.testing.assert_array_equal(bounded, np.clip(origins, -3.0, 3.0))
+
+
+def test_settings_without_the_measured_properties_draw_what_they_drew_before(mixed, volume):
+    """The new draws use key words of their own: poses, kinds, defoci and noise of a seed stay the same."""
+    measured = ParticleRenderer(
+        volume, PIXEL_SIZE, SimulationSettings(n=1, **{**MIXED, "origin_sigma_px": 1.0, "ctf_table": CTF_ROWS})
+    )
+    plain, other = numpy_draws(mixed, np.arange(32)), numpy_draws(measured, np.arange(32))
+    for key in ("quaternion", "kind", "variant", "subset", "displacement", "ice"):
+        np.testing.assert_array_equal(plain[key], other[key])
+    assert not np.allclose(plain["origin"], other["origin"]) and not np.allclose(plain["defocus_u"], other["defocus_u"])
+    np.testing.assert_array_equal(plain["voltage"], 300.0)
+    np.testing.assert_array_equal(mixed.unit_noise(np.arange(4), 0).numpy(), measured.unit_noise(np.arange(4), 0))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("noise_spectrum", (1.0, -0.5, 1.0)),
+        ("noise_spectrum", (0.0, 0.0)),
+        ("ctf_table", ()),
+        ("ctf_table", ((1e4, 1e4, 0.0, 300.0, 2.7, 1.5, 0.0, 0.0),)),
+        ("ctf_table", ((1e4, 1e4, 0.0, 300.0),)),
+        ("origin_sigma_px", -1.0),
+    ],
+)
+def test_measured_properties_out_of_range_are_refused_by_name(field, value):
+    with pytest.raises(InvalidSetting) as error:
+        SimulationSettings(n=1, **{field: value}).validate()
+    assert error.value.setting == field
+    with pytest.raises(InvalidSetting, match="ctf_table: needs ctf=True"):
+        SimulationSettings(n=1, ctf=False, ctf_table=CTF_ROWS).validate()
+
+
+def test_the_ctf_table_columns_are_the_streams_ctf_keys():
+    assert CTF_TABLE_COLUMNS == CTF_KEYS

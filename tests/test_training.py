@@ -21,7 +21,7 @@ from cryo_forum.io.particles import ParticleSet
 from cryo_forum.streams.simulation import write_simulation
 from cryo_forum.training.config import StarData, TrainingConfig
 
-TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1"]
+TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1", "--no-pretrain"]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from cryo_forum.training.callbacks import TrainingState
 from cryo_forum.training.config import LossSchedule, Optimisation, StarData, TrainingConfig
 from cryo_forum.training.run import Run
 
-TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1"]
+TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1", "--no-pretrain"]
 CLI = [sys.executable, "-m", "cryo_forum.cli"]
 
 

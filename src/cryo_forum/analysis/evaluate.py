@@ -190,7 +190,10 @@ def uncertainty_scores(particles: ParticleSet, metric: str = DEFAULT_METRIC) -> 
         return None, f"{particles.source.name} has no uncertainty columns ({', '.join(star.EIGENVALUES)} or cf scores)"
     scores = calibration.scores_from_table(table, metric, str(particles.source))
     eigenvalues = all(column in table for column in star.EIGENVALUES)
-    source = "cfEigenvalue1-4" if eigenvalues else calibration.FALLBACK_COLUMNS[metric][0]
+    if metric == calibration.JUNK_SCORE:
+        source = star.JUNK_SCORE
+    else:
+        source = "cfEigenvalue1-4" if eigenvalues else calibration.FALLBACK_COLUMNS[metric][0]
     bad = ~np.isfinite(scores)
     if bad.any():
         raise CryoForumError(

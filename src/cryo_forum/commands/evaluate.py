@@ -19,8 +19,8 @@ import argparse
 import math
 from pathlib import Path
 
+from cryo_forum.choices import UNCERTAINTY_METRICS
 from cryo_forum.errors import CryoForumError
-from cryo_forum.prediction.uncertainty import SCORES
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metric",
-        choices=sorted(SCORES),
+        choices=UNCERTAINTY_METRICS,
         help="uncertainty score (default: the calibration's with --model, else expected_error_deg)",
     )
     threshold = parser.add_mutually_exclusive_group()

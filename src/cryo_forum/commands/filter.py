@@ -5,8 +5,9 @@ a threshold. The threshold is --threshold X, or comes from the run's calibration
 made from its validation predictions): the score that keeps the fraction --quantile Q of the calibration
 set, or its recommended threshold. It is never computed from the set being filtered.
 
-Metrics (larger = less certain): expected_error_deg (degrees; default), dispersion_trace, max_dispersion,
-negative_eigengap. Writes OUT with every block and column of the input (optics intact) for the kept
+Metrics (larger = less certain): junk_score (the expected error against that of particles of the same view, a
+directional z-score; the default of runs that have it), expected_error_deg (degrees), dispersion_trace,
+max_dispersion, negative_eigengap. Writes OUT with every block and column of the input (optics intact) for the kept
 particles, and OUT's name with .rejected.star (kept.star -> kept.rejected.star) for the others; both appear
 together or not at all. Examples:
   cryo-forum filter --star predicted.star --out kept.star --model run1
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     guard.check_file(args.out)
     guard.check_file(rejected_out)
     metric, threshold, where, calibration = choose_threshold(args)
-    scores = scores_from_table(particles.table, metric, source=str(args.star))
+    scores = scores_from_table(particles.table, metric, source=str(args.star), calibration=calibration)
     keep = scores <= threshold  # NaN scores (no uncertainty) are rejected
     unscored = int(np.sum(np.isnan(scores)))
     with atomic_output(rejected_out) as rejected_tmp, atomic_output(args.out) as kept_tmp:

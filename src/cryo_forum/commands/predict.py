@@ -4,6 +4,9 @@ Writes a STAR file that keeps every input block and column, with the predicted r
 (degrees) and uncertainty columns: _cfExpectedErrorDeg (the expected angular error, the default score of
 filter and evaluate), _cfDispersionTrace, _cfMaxDispersion (larger = less sure), _cfEigenGap (larger = surer)
 and the four eigenvalues. Images are read and predicted in batches, so memory does not grow with the stack.
+Particles without origins (picked, never aligned) get them when a reference map is at hand (the run's own, made
+when it pre-trained on its consensus set, or --reference): a translational search at the predicted pose, the
+particle re-centred and predicted again, and the search repeated (rlnOriginX/YAngst and _cfShiftScore are written).
 A warning is logged when the predicted viewing directions collapse onto a few views.
 
 Example:
@@ -24,10 +27,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, metavar="RUN", help="a cryo-forum run folder")
     parser.add_argument("--star", type=Path, required=True, help="particles (.star or .cs)")
     parser.add_argument("--out", type=Path, required=True, help="output STAR file")
-    parser.add_argument(
-        "--subset", choices=SUBSETS, default="all", help="particles of the run's split (default: all)"
-    )
+    parser.add_argument("--subset", choices=SUBSETS, default="all", help="particles of the run's split (default: all)")
     parser.add_argument("--datadir", type=Path, help="folder to look for particle stacks in")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="MAP",
+        help="map to search the origins of particles without them against (default: the run's reference.mrc, "
+        "made when it pre-trained on its consensus set; none: origins are not searched)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="particles per batch (default: 256)")
 
 
@@ -44,6 +52,18 @@ def subset_indices(run, subset: str, particles):
     return split.indices_for(particles)[subset]
 
 
+def _add_junk_scores(table, run) -> None:
+    """The directional junk score column, when the run's calibration has its model (qcqp runs)."""
+    from cryo_forum.io import star
+    from cryo_forum.prediction.calibration import scores_from_table
+
+    if star.EXPECTED_ERROR not in table or not run.file("calibration.json").exists():
+        return
+    calibration = run.load_calibration()
+    if "directional" in calibration:
+        table[star.JUNK_SCORE] = scores_from_table(table, "junk_score", "the predictions", calibration)
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -56,16 +76,25 @@ def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CryoForumError(f"--batch-size: must be positive, got {args.batch_size}")
     particles = ParticleSet.open(args.star, datadir=args.datadir)
-    OutputGuard().protect_particles(particles).protect(args.model, "a file of the run").check_file(args.out)
+    guard = OutputGuard().protect_particles(particles).protect(args.model, "a file of the run")
+    guard.protect(args.reference).check_file(args.out)
     particles.validate()
 
     from cryo_forum.prediction.predict import predict_particles, preprocessor_for
-    from cryo_forum.training.run import Run, load_run
+    from cryo_forum.training.run import REFERENCE_NAME, Run, load_run
 
     model, config, trained_preprocessor = load_run(args.model)
-    indices = subset_indices(Run(args.model), args.subset, particles)
+    run = Run(args.model)
+    indices = subset_indices(run, args.subset, particles)
     preprocessor = preprocessor_for(particles, trained_preprocessor)
-    table = predict_particles(model, particles, preprocessor, indices, batch_size=args.batch_size)
+    reference = None
+    reference_path = args.reference or (run.file(REFERENCE_NAME) if run.file(REFERENCE_NAME).exists() else None)
+    if reference_path is not None and not particles.has_origins:
+        from cryo_forum.io.maps import load_volume
+
+        reference, _ = load_volume(reference_path, particles.pixel_size, particles.box_size, center=False)
+    table = predict_particles(model, particles, preprocessor, indices, batch_size=args.batch_size, reference=reference)
+    _add_junk_scores(table, run)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
     particles.write_star(args.out, columns=table, keep=indices)

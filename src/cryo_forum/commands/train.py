@@ -37,12 +37,20 @@ _HELP = {
     "--val-fraction": ("star data: fraction of particles held out for validation", None),
     "--test-fraction": ("star data: fraction of particles held out for testing", None),
     "--cache": ("star data: cache preprocessed images in RUN/cache.h5", None),
+    "--junk-prior": ("star data: share of labelled particles that may be junk with meaningless poses", None),
+    "--balance-views": ("star data: strength of the weights that balance preferred views (0: none)", None),
+    "--pretrain": ("star data: first train on particles simulated from the set's own reconstruction", None),
+    "--pretrain-epochs": ("star data: epochs of simulated particles before the real images", None),
     "--volume": ("a map (.mrc) or atomic model (.pdb, .cif) to simulate fresh training particles from", "none"),
     "--apix": ("map data: pixel size of the simulated particles in A", "the map's"),
     "--box-size": ("map data: box of the simulated particles in px", "the image size, else 64"),
     "--snr": ("map data: signal-to-noise ratio of the simulated particles", None),
+    "--snr-start": ("map data: curriculum, the SNR of the first batch, falling to --snr over half the run", "none"),
     "--ctf": ("map data: apply a CTF to the simulated particles", None),
     "--defocus-range": ("map data: defocus range in A", None),
+    "--ctf-from": ("map data: a particle file whose CTF parameters the simulated particles take", "none"),
+    "--noise-spectrum": ("map data: relative noise power per radial shell of the box", "white"),
+    "--origin-sigma-px": ("map data: normal origins of this std in px", "uniform within --max-shift"),
     "--max-shift": ("largest particle shift in px: star data are augmented by it, map data simulated with it", None),
     "--outliers": ("map data: fraction of labelled outliers", None),
     "--particles-per-epoch": ("map data: fresh particles per epoch", None),
@@ -92,7 +100,7 @@ _CHOICES = {
     "--augment-method": choices.AUGMENT_METHODS,
     "--strategy": choices.STRATEGIES,
 }
-_FLOATS = {"--apix", "--snr", "--mask-radius"}
+_FLOATS = {"--apix", "--snr", "--snr-start", "--mask-radius", "--origin-sigma-px"}
 _INTEGERS = {"--box-size", "--image-size", "--epochs"}
 _MAY_CHANGE_ON_RESUME = {"epochs", "max_epochs", "patience"}
 PATHS = ("star", "volume", "datadir")
@@ -110,9 +118,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder (new, or one to resume)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings (laid out as config.yaml)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last completed epoch"
-    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     seen = set()
     for item in leaves():
         option = option_of(item.name)
@@ -127,8 +133,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = _CHOICES[option]
         if isinstance(default, bool):
             parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, list) or option == "--widths":
-            kind = float if option == "--defocus-range" else int
+        elif isinstance(default, list) or option in ("--widths", "--noise-spectrum"):
+            kind = float if option in ("--defocus-range", "--noise-spectrum") else int
             parser.add_argument(option, type=kind, nargs="+", **kwargs)
         else:
             kind = float if option in _FLOATS else int if option in _INTEGERS else type(default)

@@ -200,6 +200,10 @@ class ParticleSet:
         return all(column in self.table for column in star.ANGLES)
 
     @property
+    def has_origins(self) -> bool:
+        return star.ORIGIN_X_ANGST in self.table or star.ORIGIN_X in self.table
+
+    @property
     def has_ctf(self) -> bool:
         return star.DEFOCUS_U in self.table
 

@@ -59,12 +59,14 @@ CLASS_NUMBER = "rlnClassNumber"
 # cryo-forum's own columns
 OUTLIER = "cfIsOutlier"  # 0/1
 OUTLIER_KIND = "cfOutlierKind"
-EXPECTED_ERROR = "cfExpectedErrorDeg"  # the default uncertainty score, in degrees
+EXPECTED_ERROR = "cfExpectedErrorDeg"  # the expected angular error under the belief, in degrees
+JUNK_SCORE = "cfJunkScore"  # the directional z-score of the expected error (larger = more likely junk)
 DISPERSION_TRACE = "cfDispersionTrace"
 EIGEN_GAP = "cfEigenGap"
 MAX_DISPERSION = "cfMaxDispersion"
 EIGENVALUES = ("cfEigenvalue1", "cfEigenvalue2", "cfEigenvalue3", "cfEigenvalue4")  # ascending
 MATCH_SCORE = "cfMatchScore"  # projection matching: normalised cross-correlation, larger = better
+SHIFT_SCORE = "cfShiftScore"  # the whitened correlation at the searched origin, larger = better fit
 
 ANGLES = (ANGLE_ROT, ANGLE_TILT, ANGLE_PSI)
 

@@ -3,9 +3,12 @@
 A particle image is the Fourier-slice projection of the map at a pose drawn uniformly from SO(3) (optionally
 reduced to the asymmetric unit of a point group), moved so that it appears at ``box centre - origin`` (a periodic
 phase ramp, as RELION's ``rlnOriginX/YAngst`` re-centre it), multiplied in Fourier space by the CTF of its
-defocus U/V/angle and B-factor (:mod:`cryo_forum.physics.ctf`) on the box's grid, and given white Gaussian noise.
-The noise level is one for the whole data set (as a constant dose gives): ``sqrt(var_signal / snr)`` with the mean
-signal variance of PILOT_PARTICLES pilot particles, drawn like the real ones from a stream of their own.
+defocus U/V/angle and B-factor (:mod:`cryo_forum.physics.ctf`) on the box's grid, and given Gaussian noise: white,
+or coloured by the settings' ``noise_spectrum`` (the white noise's spectrum times the square root of the relative
+power of each coefficient's radial shell, scaled so that the variance over the box is unchanged). The noise level
+is one for the whole data set (as a constant dose gives): ``sqrt(var_signal / snr)`` with the mean signal variance
+of PILOT_PARTICLES pilot particles, drawn like the real ones from a stream of their own. With a ``ctf_table`` each
+particle's CTF parameters (voltage, Cs and amplitude contrast too) are one row of it, drawn uniformly.
 
 Each particle is an outlier with probability ``outlier_fraction``, its kind uniform among ``outlier_kinds``:
 
@@ -20,9 +23,11 @@ particles. Off-centre particles and ice reach beyond the box, so they are moved 
 as large and cut out: what leaves the box is lost instead of wrapping around.
 
 Every random choice of particle i (pose, origin, defocus, B-factor, half set, outlier kind and variant,
-displacement, ice, noise) comes from its own key, a hash of (seed, i) (:mod:`cryo_forum.physics.keyed_random`):
-its image depends on nothing else (to float32 rounding), not on the batch it is drawn in nor on the number of
-particles. The seed of the settings fixes what is shared: the outlier maps and the noise level.
+displacement, ice, noise, CTF-table row) comes from its own key, a hash of (seed, i)
+(:mod:`cryo_forum.physics.keyed_random`): its image depends on nothing else (to float32 rounding), not on the batch
+it is drawn in nor on the number of particles. The seed of the settings fixes what is shared: the outlier maps and
+the noise level. The draws of the measured properties (CTF-table row, normal origins) use words of the key far
+beyond the others, so settings without them draw exactly what they drew before they existed.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import math
 import numpy as np
 
 from cryo_forum import geometry, resources
+from cryo_forum.errors import InvalidSetting
 from cryo_forum.physics import keyed_random
 from cryo_forum.physics.ctf import compute_ctf_tf
 from cryo_forum.physics.fourier import FourierGrid
-from cryo_forum.physics.settings import KINDS, SimulationSettings
+from cryo_forum.physics.settings import CTF_TABLE_COLUMNS, KINDS, SimulationSettings
 from cryo_forum.physics.slices import SpectrumTable
 from cryo_forum.physics.specimens import ICE_DRAWS, VARIANTS_PER_KIND, ice_images, outlier_volumes
 from cryo_forum.tensorflow_quiet import tf
@@ -62,6 +68,9 @@ _UNIFORM_COUNT = sum(_UNIFORMS.values())
 _POSE_WORD = 0  # the random words of a particle's key: 4 normals of its pose, its uniforms, then its noise
 _UNIFORM_WORD = _POSE_WORD + keyed_random.words_for(4)
 _NOISE_WORD = _UNIFORM_WORD + keyed_random.words_for(_UNIFORM_COUNT)
+_TABLE_ROW_WORD = 2**32  # beyond the noise words of any box (D^2 / 2 of them): the uniform of a CTF-table row
+_NORMAL_ORIGIN_WORD = _TABLE_ROW_WORD + 1  # two normals of a normal origin
+_OPTICS = CTF_TABLE_COLUMNS[3:6]  # voltage, spherical_aberration, amplitude_contrast: fixed by the settings
 
 
 # Quaternion algebra of :mod:`cryo_forum.geometry` ([x, y, z, w], Hamilton product), written out here because
@@ -123,10 +132,20 @@ class ParticleRenderer:
             group = geometry.quaternion_conjugate(geometry.symmetry_quaternions(settings.symmetry))
             self._mates = tf.constant(group, tf.float32)
         self._box, self._canvas = FourierGrid(self.size), FourierGrid(2 * self.size)
+        self._noise_filter = None
+        if settings.noise_spectrum is not None:
+            self._noise_filter = tf.constant(noise_filter(self.size, settings.noise_spectrum), tf.complex64)
+        self._ctf_rows = None
+        if settings.ctf_table is not None:
+            self._ctf_rows = tf.constant(settings.ctf_table, tf.float32)  # [R, len(CTF_TABLE_COLUMNS)]
         self.signal_std, self.noise_std = self._noise_levels()
         self._render = tf.function(
             self._render_eager,
-            input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64)],
+            input_signature=[
+                tf.TensorSpec([None], tf.int64),  # particle indices
+                tf.TensorSpec([], tf.int64),  # stream seed
+                tf.TensorSpec([], tf.float32),  # noise factor
+            ],
             autograph=False,  # plain Python control flow only: converting this call tree is slow and buys nothing
         )
 
@@ -136,10 +155,12 @@ class ParticleRenderer:
         """The random choices behind particles ``index`` (int64 [B]) of the stream of ``seed``.
 
         Float32 ``quaternion`` [B, 4] (uniform, or in the asymmetric unit; canonical), ``origin`` [B, 2] (px, x
-        then y), ``defocus_u``, ``defocus_v``, ``defocus_angle``, ``bfactor`` [B] (compute_ctf units),
-        ``displacement`` [B, 2] (px, the extra move of off-centre outliers), ``ice_contrast`` [B] and ``ice``
-        [B, ICE_DRAWS] (the uniforms of its texture); int32 ``kind`` [B] (index into KINDS), ``variant`` [B]
-        (which decoy or broken map) and ``subset`` [B] (half set, 1 or 2).
+        then y), the CTF parameters ``defocus_u``, ``defocus_v``, ``defocus_angle``, ``voltage``,
+        ``spherical_aberration``, ``amplitude_contrast``, ``bfactor``, ``phase_shift`` [B] (CTF_TABLE_COLUMNS, in
+        compute_ctf units; the settings' constants where no ctf_table says otherwise), ``displacement`` [B, 2]
+        (px, the extra move of off-centre outliers), ``ice_contrast`` [B] and ``ice`` [B, ICE_DRAWS] (the uniforms
+        of its texture); int32 ``kind`` [B] (index into KINDS), ``variant`` [B] (which decoy or broken map),
+        ``subset`` [B] (half set, 1 or 2) and ``ctf_row`` [B] (the row of the ctf_table, 0 without one).
         """
         index = tf.convert_to_tensor(index, tf.int64)
         return self._draw(keyed_random.particle_keys(seed, _PARTICLES, index))
@@ -159,25 +180,52 @@ class ParticleRenderer:
         q = geometry.canonical_quaternion_tf(q / tf.norm(q, axis=-1, keepdims=True))
         if self._mates is not None:
             q = self._reduce_to_asymmetric_unit(q)
-        mean_defocus = uniform("defocus", *s.defocus_range)[:, 0]
-        astigmatism = uniform("astigmatism", 0.0, s.astigmatism)[:, 0]
         outlier = uniform("outlier")[:, 0] < s.outlier_fraction
         direction, reach = tf.unstack(uniform("displacement"), axis=1)
         reach = (0.25 + 0.15 * reach) * self.size
         direction = 2.0 * math.pi * direction
         return {
             "quaternion": q,
-            "origin": uniform("origin", -s.max_shift_px, s.max_shift_px),
-            "defocus_u": mean_defocus + astigmatism / 2.0,
-            "defocus_v": mean_defocus - astigmatism / 2.0,
-            "defocus_angle": uniform("defocus_angle", 0.0, 180.0)[:, 0],
-            "bfactor": uniform("bfactor", *s.bfactor_range)[:, 0],
+            "origin": self._origins(keys, uniform("origin", -s.max_shift_px, s.max_shift_px)),
+            **self._ctf_draws(keys, uniform),
             "subset": 1 + choice("subset", 2),
             "kind": tf.where(outlier, tf.gather(self._kind_codes, choice("kind", len(s.outlier_kinds))), 0),
             "variant": choice("variant", VARIANTS_PER_KIND),
             "displacement": reach[:, None] * tf.stack([tf.cos(direction), tf.sin(direction)], axis=-1),
             "ice_contrast": uniform("ice_contrast", 1.0, 3.0)[:, 0],
             "ice": uniform("ice"),
+        }
+
+    def _origins(self, keys: tf.Tensor, uniform_origins: tf.Tensor) -> tf.Tensor:
+        """Origins [B, 2] (px): the uniform ones, or normal of std origin_sigma_px (clipped at max_shift_px > 0)."""
+        s = self.settings
+        if s.origin_sigma_px is None:
+            return uniform_origins
+        origins = s.origin_sigma_px * keyed_random.normals(keys, 2, _NORMAL_ORIGIN_WORD)
+        return tf.clip_by_value(origins, -s.max_shift_px, s.max_shift_px) if s.max_shift_px > 0 else origins
+
+    def _ctf_draws(self, keys: tf.Tensor, uniform) -> dict[str, tf.Tensor]:
+        """The CTF_TABLE_COLUMNS [B] and ``ctf_row`` [B] of particles: a row of the ctf_table each, or drawn from
+        the settings' ranges with their fixed optics (``uniform(name, low, high)`` gives the particle uniforms)."""
+        s = self.settings
+        count = tf.shape(keys)[0]
+        if self._ctf_rows is not None:
+            rows = len(s.ctf_table)
+            row = tf.cast(keyed_random.uniforms(keys, 1, _TABLE_ROW_WORD)[:, 0] * rows, tf.int32)
+            row = tf.minimum(row, rows - 1)
+            columns = tf.unstack(tf.gather(self._ctf_rows, row), axis=1)
+            return {**dict(zip(CTF_TABLE_COLUMNS, columns, strict=True)), "ctf_row": row}
+        mean_defocus = uniform("defocus", *s.defocus_range)[:, 0]
+        astigmatism = uniform("astigmatism", 0.0, s.astigmatism)[:, 0]
+        optics = dict(zip(_OPTICS, (s.voltage, s.cs, s.amplitude_contrast), strict=True))
+        return {
+            "defocus_u": mean_defocus + astigmatism / 2.0,
+            "defocus_v": mean_defocus - astigmatism / 2.0,
+            "defocus_angle": uniform("defocus_angle", 0.0, 180.0)[:, 0],
+            **{name: tf.fill([count], float(value)) for name, value in optics.items()},
+            "bfactor": uniform("bfactor", *s.bfactor_range)[:, 0],
+            "phase_shift": tf.zeros([count]),
+            "ctf_row": tf.zeros([count], tf.int32),
         }
 
     def _reduce_to_asymmetric_unit(self, q: tf.Tensor) -> tf.Tensor:
@@ -188,20 +236,36 @@ class ParticleRenderer:
 
     # ------------------------------------------------------------ rendering
 
-    def render(self, index, seed: int) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        """Images float32 [B, D, D] (noise included) and :meth:`draw`'s draws of particles ``index`` (int64 [B])."""
-        return self._render(tf.convert_to_tensor(index, tf.int64), tf.constant(seed, tf.int64))
+    def render(self, index, seed: int, noise_factor=1.0) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """Images float32 [B, D, D] (noise included) and :meth:`draw`'s draws of particles ``index`` (int64 [B]).
 
-    def _render_eager(self, index: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        ``noise_factor`` (a float32 scalar) multiplies the noise: a training curriculum renders the same particles
+        at a higher SNR, ``snr / noise_factor^2``."""
+        index = tf.convert_to_tensor(index, tf.int64)
+        return self._render(index, tf.constant(seed, tf.int64), tf.cast(noise_factor, tf.float32))
+
+    def _render_eager(self, index: tf.Tensor, seed: tf.Tensor, noise_factor: tf.Tensor) -> tuple[tf.Tensor, dict]:
         keys = keyed_random.particle_keys(seed, _PARTICLES, index)
         draws = self._draw(keys)
         images = self.signal(draws)
-        noise = tf.reshape(keyed_random.normals(keys, self.size**2, _NOISE_WORD), tf.shape(images))
+        noise = self._unit_noise(keys)
         if self.noise_std > 0.0:
-            images += self.noise_std * noise
+            images += self.noise_std * noise_factor * noise
         else:  # noise outliers of a noise-free data set: noise with the signal's standard deviation
             images = tf.where((draws["kind"] == KINDS.index("noise"))[:, None, None], self.signal_std * noise, images)
         return images, draws
+
+    def unit_noise(self, index, seed: int) -> tf.Tensor:
+        """The noise of particles ``index`` (int64 [B]) of the stream of ``seed`` before scaling: float32 [B, D, D]
+        of expected variance 1 over the box, coloured by the settings' noise_spectrum. :meth:`render` adds
+        ``noise_std`` times it."""
+        return self._unit_noise(keyed_random.particle_keys(seed, _PARTICLES, tf.convert_to_tensor(index, tf.int64)))
+
+    def _unit_noise(self, keys: tf.Tensor) -> tf.Tensor:
+        white = tf.reshape(keyed_random.normals(keys, self.size**2, _NOISE_WORD), [-1, self.size, self.size])
+        if self._noise_filter is None:
+            return white
+        return tf.signal.irfft2d(tf.signal.rfft2d(white) * self._noise_filter, fft_length=[self.size, self.size])
 
     def signal(self, draws: dict[str, tf.Tensor]) -> tf.Tensor:
         """Noise-free images float32 [B, D, D] of the particles ``draws`` describe (see :meth:`draw`)."""
@@ -233,19 +297,22 @@ class ParticleRenderer:
         return tf.signal.irfft2d(spectra, fft_length=[size, size])
 
     def _ctf(self, size: int, draws) -> tf.Tensor:
-        s = self.settings
-        return compute_ctf_tf(
-            size,
-            self.pixel_size,
-            draws["defocus_u"],
-            draws["defocus_v"],
-            draws["defocus_angle"],
-            s.voltage,
-            s.cs,
-            s.amplitude_contrast,
-            draws["bfactor"],
-            rfft=True,
-        )
+        return compute_ctf_tf(size, self.pixel_size, *(draws[name] for name in CTF_TABLE_COLUMNS), rfft=True)
+
+    def canvas_images(self, canvases, draws: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Textures float32 [m, 2D, 2D] (the box in their middle: box pixel D // 2 on canvas pixel D) multiplied by
+        the CTF of ``draws`` on the canvas and cut to the box: [m, D, D]. What lies beyond the box contributes
+        through the CTF's spread without wrapping around; this is how ice is drawn, and how other textures of
+        a micrograph (a carbon film's edge) can be."""
+        canvases = tf.convert_to_tensor(canvases, tf.float32)
+        return self._cut_from_canvas(canvases, tf.zeros([tf.shape(canvases)[0], 2]), draws)
+
+    def _cut_from_canvas(self, canvases: tf.Tensor, shifts: tf.Tensor, draws) -> tf.Tensor:
+        """Canvases [m, 2D, 2D] moved by shifts [m, 2] (px), CTF-filtered and cut to the box [m, D, D]."""
+        size = self.size
+        start = size - size // 2  # the box's place in the canvas: its centre on the canvas centre
+        out = self._filtered(tf.signal.rfft2d(canvases), self._canvas, shifts, draws)
+        return out[:, start : start + size, start : start + size]
 
     def _beyond_box_images(self, spectra: tf.Tensor, draws) -> tf.Tensor:
         """Off-centre particles and ice [m, D, D]: moved and CTF-filtered on a canvas [m, 2D, 2D], cut out."""
@@ -256,8 +323,7 @@ class ParticleRenderer:
         ice = draws["kind"] == KINDS.index("ice")
         canvas = tf.where(ice[:, None, None], ice_images(draws["ice"], 2 * size, size), canvas)
         shifts = tf.where(ice[:, None], 0.0, draws["displacement"] - draws["origin"])
-        out = self._filtered(tf.signal.rfft2d(canvas), self._canvas, shifts, draws)
-        out = out[:, start : start + size, start : start + size]
+        out = self._cut_from_canvas(canvas, shifts, draws)
         # ice contrast relative to particles, after the CTF's high-pass
         scale = draws["ice_contrast"] * self.signal_std / tf.maximum(tf.math.reduce_std(out, axis=[1, 2]), 1e-12)
         return out * tf.where(ice, scale, 1.0)[:, None, None]
@@ -277,3 +343,21 @@ class ParticleRenderer:
         signal_std = float(np.sqrt(np.mean(np.concatenate(variances), dtype=np.float64)))
         snr = self.settings.snr
         return signal_std, 0.0 if snr is None else signal_std / math.sqrt(snr)
+
+
+def noise_filter(size: int, spectrum) -> np.ndarray:
+    """Amplitudes float64 [D, D // 2 + 1] (rfft2 layout) that colour white noise of a D px box: the square root of
+    ``spectrum``'s relative power at each coefficient's integer radial shell (shells beyond ``D // 2``, the box's
+    corners, take the last value), scaled to mean power 1 over the full plane, so the variance stays the same.
+
+    Raises :class:`~cryo_forum.errors.InvalidSetting` ``noise_spectrum`` unless ``spectrum`` holds ``D // 2 + 1``
+    values.
+    """
+    spectrum = np.asarray(spectrum, dtype=np.float64)
+    if spectrum.shape != (size // 2 + 1,):
+        message = f"needs D // 2 + 1 = {size // 2 + 1} values for a {size} px box, got {spectrum.size}"
+        raise InvalidSetting("noise_spectrum", message)
+    grid = FourierGrid(size)
+    power = spectrum[np.minimum(grid.shells, size // 2)]
+    mean_power = np.sum(grid.hermitian_weights * power) / size**2
+    return np.sqrt(power / mean_power)

@@ -1,8 +1,9 @@
-"""What besides the particle a simulated micrograph patch shows: decoy molecules, broken particles and ice.
+"""What besides the particle a simulated micrograph patch shows: decoy molecules, broken particles, ice, carbon.
 
 The decoy and broken maps [D, D, D] are built once per simulation seed in NumPy (:func:`outlier_volumes`);
 ice textures are drawn per particle in TensorFlow from that particle's uniforms (:func:`ice_images`), so they
-depend on nothing but the particle.
+depend on nothing but the particle. A carbon film's edge (:func:`carbon_texture`, NumPy) is drawn per particle
+from a generator of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import ndimage
 
 from cryo_forum import geometry
 from cryo_forum.io.maps import center_of_mass
@@ -105,3 +107,23 @@ def ice_images(draws: tf.Tensor, canvas: int, box: int) -> tf.Tensor:
     distance = x * tf.cos(angle) + y * tf.sin(angle) - uniform(last + 2, -0.4 * box, 0.4 * box)
     straight = tf.cast(draws[:, last] < 0.5, tf.float32)[:, None, None]
     return image + straight * tf.sigmoid(distance / 1.5)
+
+
+def carbon_texture(rng: np.random.Generator, canvas: int, box: int) -> np.ndarray:
+    """The projected potential of a carbon film's edge, float64 [canvas, canvas], about a box of ``box`` px in the
+    canvas's middle (box pixel ``box // 2`` on canvas pixel ``canvas // 2``).
+
+    The film covers one side of a boundary that crosses the box within 0.35 box of its centre, straight half the
+    time and otherwise gently curved (a parabola of curvature up to 1 / box, bowing by at most box / 8 across the
+    box), with a soft edge of 0.5-2 px. Its thickness is 1 plus amorphous grain: Gaussian texture of standard
+    deviation 0.2-0.4, correlated over 1-2 px. Zero off the film.
+    """
+    y, x = np.indices((canvas, canvas), dtype=np.float64) - canvas // 2
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    across = x * math.cos(angle) + y * math.sin(angle)
+    along = -x * math.sin(angle) + y * math.cos(angle)
+    curvature = 0.0 if rng.uniform() < 0.5 else rng.uniform(-1.0, 1.0) / box
+    distance = across - rng.uniform(-0.35, 0.35) * box + 0.5 * curvature * along**2
+    film = 0.5 * (1.0 + np.tanh(distance / (2.0 * rng.uniform(0.5, 2.0))))  # a logistic edge
+    grain = ndimage.gaussian_filter(rng.standard_normal((canvas, canvas)), rng.uniform(1.0, 2.0), mode="wrap")
+    return film * (1.0 + rng.uniform(0.2, 0.4) * grain / grain.std())

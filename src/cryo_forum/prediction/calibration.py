@@ -24,9 +24,11 @@ import numpy as np
 import pandas as pd
 
 from cryo_forum import geometry
+from cryo_forum.choices import UNCERTAINTY_METRICS
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.prediction import uncertainty
+from cryo_forum.prediction.directional import JUNK_SCORE, directional_model, junk_scores
 from cryo_forum.prediction.uncertainty import DEFAULT_METRIC
 
 FORMAT = "cryo-forum uncertainty calibration"
@@ -44,18 +46,27 @@ FALLBACK_COLUMNS = {
 }
 
 
+METRICS = UNCERTAINTY_METRICS  # the eigenvalue scores of uncertainty.SCORES, then the junk score
+
+
 def check_metric(metric: str) -> None:
-    """InvalidSetting when ``metric`` is not one of :data:`uncertainty.SCORES`."""
-    if metric not in uncertainty.SCORES:
-        raise InvalidSetting("metric", f"unknown metric {metric!r}; choose from {', '.join(uncertainty.SCORES)}")
+    """InvalidSetting when ``metric`` is not one of :data:`METRICS`."""
+    if metric not in METRICS:
+        raise InvalidSetting("metric", f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
-def scores_from_table(table: pd.DataFrame, metric: str, source: str = "table") -> np.ndarray:
+def scores_from_table(
+    table: pd.DataFrame, metric: str, source: str = "table", calibration: dict | None = None
+) -> np.ndarray:
     """Scores [N] of ``metric`` from the cfEigenvalue1-4 columns, else from the metric's own column.
 
-    Rows with a missing or non-finite value score NaN. ``source`` names the file in error messages.
+    The junk score comes from its column (written by cryo-forum predict), else from the expected error and the
+    angles under the directional model of ``calibration``. Rows with a missing or non-finite value score NaN.
+    ``source`` names the file in error messages.
     """
     check_metric(metric)
+    if metric == JUNK_SCORE:
+        return _junk_scores(table, source, calibration)
     if all(column in table for column in star.EIGENVALUES):
         values = _numeric(table, list(star.EIGENVALUES), source)
         scores = np.full(len(table), np.nan)
@@ -73,6 +84,18 @@ def scores_from_table(table: pd.DataFrame, metric: str, source: str = "table") -
         f"{source}: metric {metric} needs the columns {', '.join(star.EIGENVALUES)}{alternative} "
         f"(missing: {', '.join(missing)}); is it the output of cryo-forum predict with a qcqp model?"
     )
+
+
+def _junk_scores(table: pd.DataFrame, source: str, calibration: dict | None) -> np.ndarray:
+    if star.JUNK_SCORE in table:
+        return _numeric(table, [star.JUNK_SCORE], source)[:, 0]
+    if calibration is None or "directional" not in calibration:
+        raise CryoForumError(
+            f"{source}: no {star.JUNK_SCORE} column, and no run calibration with a directional model to compute it"
+        )
+    expected = scores_from_table(table, "expected_error_deg", source)
+    quaternions = geometry.euler_to_quaternion(_numeric(table, list(star.ANGLES), source))
+    return junk_scores(expected, quaternions, calibration["directional"])
 
 
 def _numeric(table: pd.DataFrame, columns: list[str], source: str) -> np.ndarray:
@@ -143,12 +166,15 @@ def calibrate(
     source: str = "",
     tolerance: float = TOLERANCE,
     window: float = WINDOW,
+    symmetry: str = "C1",
 ) -> dict:
     """A calibration (JSON-ready dict) from validation predictions: a table or eigenvalues [N, 4].
 
     For every metric the table allows: the score quantiles at QUANTILE_LEVELS and, with ``errors_deg`` [N]
     (the predictions' pose errors, e.g. from :func:`pose_errors_deg`), the recommended threshold and the
-    Spearman correlation between score and error. ``source`` describes the calibration set.
+    Spearman correlation between score and error. ``source`` describes the calibration set. A table with angles
+    also gets the directional model of the junk score (:mod:`cryo_forum.prediction.directional`), which becomes
+    the default metric.
     """
     if isinstance(predictions, pd.DataFrame):
         metrics = available_metrics(predictions)
@@ -156,12 +182,18 @@ def calibrate(
             raise CryoForumError(f"{source or 'calibration set'}: no uncertainty columns to calibrate")
         scores = {name: scores_from_table(predictions, name, source or "calibration set") for name in metrics}
         n = len(predictions)
+        directional = None
+        if "expected_error_deg" in scores and all(column in predictions for column in star.ANGLES):
+            quaternions = geometry.euler_to_quaternion(_numeric(predictions, list(star.ANGLES), source))
+            directional = directional_model(scores["expected_error_deg"], quaternions, symmetry)
+            scores[JUNK_SCORE] = junk_scores(scores["expected_error_deg"], quaternions, directional)
     else:
         eigenvalues = np.asarray(predictions, dtype=np.float64)
         if eigenvalues.ndim != 2 or eigenvalues.shape[1] != 4:
             raise ValueError(f"eigenvalues must have shape [N, 4], got {eigenvalues.shape}")
         scores = {name: function(eigenvalues) for name, function in uncertainty.SCORES.items()}
         n = len(eigenvalues)
+        directional = None
     if n == 0:
         raise CryoForumError(f"{source or 'calibration set'}: no particles to calibrate on")
     for name, values in scores.items():
@@ -184,10 +216,12 @@ def calibrate(
         "version": VERSION,
         "source": source,
         "n": n,
-        "default_metric": DEFAULT_METRIC if DEFAULT_METRIC in entries else next(iter(entries)),
+        "default_metric": next((name for name in (JUNK_SCORE, DEFAULT_METRIC) if name in entries), next(iter(entries))),
         "quantile_levels": QUANTILE_LEVELS.tolist(),
         "metrics": entries,
     }
+    if directional is not None:
+        calibration["directional"] = directional
     if errors_deg is not None:
         calibration["errors_deg"] = {"median": float(np.median(errors_deg)), "mean": float(np.mean(errors_deg))}
         calibration["rule"] = {

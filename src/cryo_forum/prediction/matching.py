@@ -28,8 +28,8 @@ from cryo_forum import geometry, resources
 from cryo_forum.errors import CryoForumError, InvalidSetting
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.physics.ctf import compute_ctf
 from cryo_forum.physics.fourier import FourierGrid
+from cryo_forum.physics.particle_ctf import ParticleCTFs
 from cryo_forum.physics.projection import FourierProjector
 from cryo_forum.progress import progress as progress_bar
 from cryo_forum.tensorflow_quiet import tf
@@ -417,30 +417,6 @@ class ProjectionMatcher:
             trials[rows, shift],
             scores[rows, candidate, shift],
         )
-
-
-class ParticleCTFs:
-    """CTFs on the rfft grid of chosen particles of a set, each at its own pixel size (ones without CTF columns).
-
-    The per-particle parameters are taken from the table once, not for every batch.
-    """
-
-    def __init__(self, particles: ParticleSet):
-        self.size = particles.box_size
-        self.parameters = particles.ctf_parameters() if particles.has_ctf else None
-        self.pixel_sizes = particles.pixel_sizes()
-
-    def __call__(self, indices: np.ndarray) -> np.ndarray:
-        """CTFs [B, D, D // 2 + 1] of particles ``indices``."""
-        out = np.ones((len(indices), self.size, self.size // 2 + 1))
-        if self.parameters is None:
-            return out
-        pixel_sizes = self.pixel_sizes[indices]
-        for pixel_size in np.unique(pixel_sizes):
-            chosen = np.asarray(indices)[pixel_sizes == pixel_size]
-            parameters = {name: values[chosen] for name, values in self.parameters.items()}
-            out[pixel_sizes == pixel_size] = compute_ctf(self.size, float(pixel_size), **parameters, rfft=True)
-        return out
 
 
 def match_particles(

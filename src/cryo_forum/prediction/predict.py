@@ -53,15 +53,45 @@ def predict_particles(
     indices: np.ndarray | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    reference: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Predicted angles and uncertainty scores for ``indices`` (default: all), one row per particle."""
+    """Predicted angles and uncertainty scores for ``indices`` (default: all), one row per particle.
+
+    Particles with origins are re-centred by them first. With a ``reference`` map (sampled like the particles)
+    particles without origins get them: a translational search at the predicted pose finds each origin, the
+    particle re-centred by it is predicted again (the network is surest of centred particles), and the search
+    is repeated at the new pose; the table then holds the origins too.
+    """
     indices = np.arange(len(particles)) if indices is None else np.asarray(indices)
+    forward = inference_function(model)
+    quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, None)
+    table = prediction_table(quaternions, eigenvalues)
+    if reference is None or particles.has_origins:
+        return table
+    from cryo_forum.prediction.shifts import search_origins
+
+    origins, _ = search_origins(particles, quaternions, reference, indices, progress=progress)
+    log.info(f"origins searched at the predicted poses of {len(indices)} particles; predicting them re-centred")
+    quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, origins)
+    origins, scores = search_origins(particles, quaternions, reference, indices, progress=progress)
+    table = prediction_table(quaternions, eigenvalues)
+    for column, values in origin_columns(particles, origins).items():
+        table[column] = values
+    table[star.SHIFT_SCORE] = scores
+    return table
+
+
+def _predict(forward, particles, preprocessor, indices, batch_size, progress, origins):
+    """Quaternions [n, 4] and eigenvalues [n, 4] (NaN for heads without them) of particles ``indices``."""
     quaternions = np.zeros((len(indices), 4))
     eigenvalues = np.full((len(indices), 4), np.nan)
     row_of = np.zeros(len(particles), dtype=np.int64)  # particle index -> output row, 8 bytes per particle
     row_of[indices] = np.arange(len(indices))
-    dataset = prediction_batches(particles, preprocessor, batch_size, indices=indices)
-    forward = inference_function(model)
+    every = None
+    if origins is not None:
+        every = np.zeros((len(particles), 2))
+        every[indices] = origins
+    dataset = prediction_batches(particles, preprocessor, batch_size, indices=indices, origins=every)
     with progress_bar(len(indices), description="predict", enabled=progress) as bar, stream_errors():
         for batch_indices, images in dataset:
             outputs = forward(images)
@@ -70,7 +100,15 @@ def predict_particles(
             if "eigenvalues" in outputs:
                 eigenvalues[rows] = outputs["eigenvalues"].numpy()
             bar.update(len(rows))
-    return prediction_table(quaternions, eigenvalues)
+    return quaternions, eigenvalues
+
+
+def origin_columns(particles: ParticleSet, origins_px: np.ndarray) -> dict[str, np.ndarray]:
+    """Origins [n, 2] (px) as the STAR columns of the set's layout: in Angstrom (RELION 3.1+) or px (3.0)."""
+    if particles.relion_version == "3.0":
+        return {star.ORIGIN_X: origins_px[:, 0], star.ORIGIN_Y: origins_px[:, 1]}
+    angstrom = origins_px * particles.pixel_size
+    return {star.ORIGIN_X_ANGST: angstrom[:, 0], star.ORIGIN_Y_ANGST: angstrom[:, 1]}
 
 
 def prediction_table(quaternions: np.ndarray, eigenvalues: np.ndarray) -> pd.DataFrame:

@@ -45,11 +45,11 @@ class ParticleLabels:
     """Per-particle numbers of a set, held in memory as float32: quaternion [N, 4], origin [N, 2] (px),
     outlier [N], ctf [N, len(CTF_KEYS)] (zeros without CTF parameters), weight [N] (ones unless given)."""
 
-    def __init__(self, particles: ParticleSet, weights: np.ndarray | None = None):
+    def __init__(self, particles: ParticleSet, weights: np.ndarray | None = None, origins: np.ndarray | None = None):
         n = len(particles)
         self.has_ctf = particles.has_ctf
         self.quaternion = particles.quaternions() if particles.has_poses else np.zeros((n, 4))
-        self.origin = particles.shifts_px()
+        self.origin = particles.shifts_px() if origins is None else origins
         outlier = particles.table.get(star.OUTLIER)
         self.outlier = np.zeros(n) if outlier is None else (outlier.fillna(0).to_numpy(np.float64) != 0)
         self.ctf = np.zeros((n, len(CTF_KEYS)))
@@ -149,26 +149,34 @@ def particle_batches(
     repeat: bool = False,
     drop_remainder: bool = False,
     weights: np.ndarray | None = None,
+    origins: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """RawBatches of the particles ``indices`` (all by default) with raw images [B, D, D] from the stacks.
 
     Without ``shuffle`` batches follow ``indices`` in order; with it every epoch is a new permutation,
     reproducible with ``seed``. ``repeat`` streams epochs forever (each epoch batched on its own, so a
     batch never holds a particle twice); ``drop_remainder`` drops each epoch's last partial batch and
-    makes the batch size static. ``weights`` [N] (per particle of the set) become the batches' loss weights.
+    makes the batch size static. ``weights`` [N] (per particle of the set) become the batches' loss weights;
+    ``origins`` [N, 2] (px) replace the set's own.
     """
     indices = check_indices(indices, len(particles), batch_size, drop_remainder)
     batches = index_batches(indices, int(batch_size), shuffle, seed, repeat, drop_remainder)
-    return read_batches(particles.images, particles.box_size, ParticleLabels(particles, weights), batches)
+    labels = ParticleLabels(particles, weights, origins)
+    return read_batches(particles.images, particles.box_size, labels, batches)
 
 
 def prediction_batches(
-    particles: ParticleSet, preprocessor: Preprocessor, batch_size: int = 256, indices=None, recentre: bool = True
+    particles: ParticleSet,
+    preprocessor: Preprocessor,
+    batch_size: int = 256,
+    indices=None,
+    recentre: bool = True,
+    origins: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """(indices int64 [B], images float32 [B, S, S, 1]) over ``indices`` (all by default) in that order.
 
-    Particles with origins are re-centred by them (``recentre``); every particle is visited once; memory holds a
-    few batches whatever the stack size.
+    Particles with origins (the set's own, or ``origins`` [N, 2] px) are re-centred by them (``recentre``); every
+    particle is visited once; memory holds a few batches whatever the stack size.
     """
     if preprocessor.input_size != particles.box_size:
         raise CryoForumError(
@@ -181,5 +189,5 @@ def prediction_batches(
     def to_prediction(batch: RawBatch) -> tuple[tf.Tensor, tf.Tensor]:
         return batch.index, preprocess_images(batch, preprocessor, recentre)[..., None]
 
-    raw = particle_batches(particles, indices, batch_size)
+    raw = particle_batches(particles, indices, batch_size, origins=origins)
     return raw.map(to_prediction, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

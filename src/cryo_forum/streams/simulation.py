@@ -13,7 +13,9 @@ the signal of the same run with it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,12 +40,18 @@ STACK_NAME = "particles.mrcs"
 STAR_NAME = "particles.star"
 VOLUME_NAME = "volume.mrc"
 OUTPUT_NAMES = (STAR_NAME, STACK_NAME, VOLUME_NAME)
-_TABLE_DRAWS = ("quaternion", "origin", "defocus_u", "defocus_v", "defocus_angle", "bfactor", "subset", "kind")
+_TABLE_DRAWS = ("quaternion", "origin", *CTF_KEYS, "ctf_row", "subset", "kind")
 _CTF_COLUMNS = {
     star.DEFOCUS_U: "defocus_u",
     star.DEFOCUS_V: "defocus_v",
     star.DEFOCUS_ANGLE: "defocus_angle",
     star.CTF_BFACTOR: "bfactor",
+    star.PHASE_SHIFT: "phase_shift",
+}
+_OPTICS_COLUMNS = {
+    star.VOLTAGE: "voltage",
+    star.CS: "spherical_aberration",
+    star.AMPLITUDE_CONTRAST: "amplitude_contrast",
 }
 
 __all__ = [
@@ -66,26 +74,28 @@ def particle_tables(
     draws: dict[str, np.ndarray], settings: SimulationSettings, pixel_size: float, size: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RELION 3.1 optics and particles tables of the renderer's draws (arrays of n particles): true angles,
-    origins in A, CTF columns when ``ctf``, half sets and outlier labels."""
+    origins in A, CTF columns when ``ctf``, half sets and outlier labels.
+
+    The optics block has one group of the settings' voltage, Cs and amplitude contrast, or with a ``ctf_table``
+    one group per distinct (voltage, Cs, amplitude contrast) among the rows the particles drew."""
     n = len(draws["quaternion"])
     angles = geometry.quaternion_to_euler(draws["quaternion"].astype(np.float64))
     origins = draws["origin"].astype(np.float64)
     kinds = np.asarray(KINDS)[draws["kind"]]
+    group_optics, groups = _optics_groups(draws, settings)
     optics = pd.DataFrame(
         {
-            star.OPTICS_GROUP: [1],
-            star.OPTICS_GROUP_NAME: ["opticsGroup1"],
-            star.VOLTAGE: [float(settings.voltage)],
-            star.CS: [float(settings.cs)],
-            star.AMPLITUDE_CONTRAST: [float(settings.amplitude_contrast)],
-            star.IMAGE_PIXEL_SIZE: [float(pixel_size)],
-            star.IMAGE_SIZE: [int(size)],
-            star.IMAGE_DIMENSIONALITY: [2],
+            star.OPTICS_GROUP: np.arange(1, len(group_optics) + 1),
+            star.OPTICS_GROUP_NAME: [f"opticsGroup{number}" for number in range(1, len(group_optics) + 1)],
+            **{column: group_optics[:, number] for number, column in enumerate(_OPTICS_COLUMNS)},
+            star.IMAGE_PIXEL_SIZE: float(pixel_size),
+            star.IMAGE_SIZE: int(size),
+            star.IMAGE_DIMENSIONALITY: 2,
         }
     )
     columns = {
         star.IMAGE_NAME: [f"{i + 1:06d}@{STACK_NAME}" for i in range(n)],
-        star.OPTICS_GROUP: np.ones(n, dtype=int),
+        star.OPTICS_GROUP: groups + 1,
         star.ANGLE_ROT: angles[:, 0],
         star.ANGLE_TILT: angles[:, 1],
         star.ANGLE_PSI: angles[:, 2],
@@ -94,13 +104,23 @@ def particle_tables(
     }
     if settings.ctf:
         columns |= {key: draws[name].astype(np.float64) for key, name in _CTF_COLUMNS.items()}
-        columns[star.PHASE_SHIFT] = np.zeros(n)
     columns |= {
         star.RANDOM_SUBSET: draws["subset"].astype(int),
         star.OUTLIER: (kinds != INLIER_KIND).astype(int),
         star.OUTLIER_KIND: kinds,
     }
     return optics, pd.DataFrame(columns)
+
+
+def _optics_groups(draws: dict[str, np.ndarray], settings: SimulationSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(voltage, Cs, amplitude contrast) of each optics group [G, 3] and each particle's group [n] (from 0)."""
+    if settings.ctf_table is None:
+        constants = [[settings.voltage, settings.cs, settings.amplitude_contrast]]
+        return np.asarray(constants, dtype=np.float64), np.zeros(len(draws["quaternion"]), dtype=int)
+    rows = np.asarray(settings.ctf_table, dtype=np.float64)[draws["ctf_row"]]
+    optics = rows[:, [CTF_KEYS.index(name) for name in _OPTICS_COLUMNS.values()]]
+    group_optics, groups = np.unique(optics, axis=0, return_inverse=True)
+    return group_optics, groups.reshape(-1).astype(int)
 
 
 # ---------------------------------------------------------------- streaming the renderer
@@ -259,32 +279,49 @@ def write_simulation(
     return out_dir
 
 
+@dataclass(frozen=True)
+class SNRCurriculum:
+    """Training particles that start clearer than the data: the SNR falls geometrically from ``start_snr`` at
+    batch 0 to the stream's own SNR at batch ``ramp_steps`` and stays there. At an SNR of 0.1 a network learns
+    features slowly; seen first at a high SNR, the same particles teach them in a fraction of the epochs."""
+
+    start_snr: float
+    ramp_steps: int
+
+    def noise_factor(self, step: tf.Tensor, snr: float) -> tf.Tensor:
+        """The factor on the noise of batch ``step`` (float32 scalar): ``sqrt(snr / SNR(step))``."""
+        progress = tf.minimum(tf.cast(step, tf.float32) / float(max(self.ramp_steps, 1)), 1.0)
+        log_ratio = math.log(max(self.start_snr, snr) / snr)
+        return tf.exp(-0.5 * log_ratio * (1.0 - progress))
+
+
 def simulated_batches(
-    volume: np.ndarray, pixel_size: float, settings: SimulationSettings, batch_size: int, seed: int, start: int = 0
+    volume: np.ndarray,
+    pixel_size: float,
+    settings: SimulationSettings,
+    batch_size: int,
+    seed: int,
+    start: int = 0,
+    curriculum: SNRCurriculum | None = None,
 ) -> tf.data.Dataset:
     """Endless tf.data.Dataset of :class:`~cryo_forum.streams.batch.RawBatch` of particles simulated from a map.
 
     Batch k holds particles ``k * batch_size`` to ``(k + 1) * batch_size - 1`` of the stream of ``seed`` (the
     images :func:`write_simulation` writes with ``seed=seed``), from batch ``start`` on. ``settings.seed`` fixes
     the outlier maps and the noise level; ``settings.n`` is unused. ``index`` is the particle's index in the
-    stream; without ``settings.ctf`` the CTF columns are zeros.
+    stream; the CTF columns are the particles' drawn parameters (a ctf_table row each when the settings have
+    one), zeros without ``settings.ctf``. With a ``curriculum`` the noise of batch k is scaled to its SNR.
     """
     settings.validate()
     volume = boxed_volume(volume, pixel_size)
     renderer = ParticleRenderer(volume, pixel_size, settings)
     size, seed = volume.shape[0], int(seed)
-    constants = {
-        "voltage": settings.voltage,
-        "spherical_aberration": settings.cs,
-        "amplitude_contrast": settings.amplitude_contrast,
-        "phase_shift": 0.0,
-    }
 
     def batch(step: tf.Tensor) -> RawBatch:
         index = step * batch_size + tf.range(batch_size, dtype=tf.int64)
-        images, draws = renderer.render(index, seed)
-        ones = tf.ones([batch_size])
-        columns = [draws[key] if key in draws else constants[key] * ones for key in CTF_KEYS]
+        factor = 1.0 if curriculum is None else curriculum.noise_factor(step, settings.snr)
+        images, draws = renderer.render(index, seed, factor)
+        columns = [draws[key] for key in CTF_KEYS]
         ctf = tf.stack(columns, axis=-1) if settings.ctf else tf.zeros([batch_size, len(CTF_KEYS)])
         return RawBatch(
             images=tf.ensure_shape(images, [batch_size, size, size]),

@@ -58,6 +58,7 @@ class MapData:
     apix: float | None = None  # pixel size of the simulated particles (default: the map's)
     box_size: int | None = None  # box of the simulated particles (default: the image size, else 64)
     snr: float | None = 1.0
+    snr_start: float | None = None  # curriculum: the SNR of the first batch, falling to snr over half the run
     ctf: bool = True
     defocus_range: list[float] = field(default_factory=lambda: [10000.0, 25000.0])  # A
     max_shift_px: float = 0.0  # origins uniform within this many px
@@ -251,6 +252,8 @@ class TrainingConfig:
             ("box_size", data.box_size, data.box_size is None or data.box_size >= 16, "must be at least 16 px"),
             ("apix", data.apix, data.apix is None or data.apix > 0, "must be positive"),
             ("snr", data.snr, data.snr is None or data.snr > 0, "must be positive"),
+            ("snr_start", data.snr_start, data.snr_start is None or (data.snr is not None and data.snr_start > 0),
+             "must be positive, with an --snr"),
             ("outliers", data.outliers, 0 <= data.outliers < 1, "must be in [0, 1)"),
             ("particles_per_epoch", data.particles_per_epoch, data.particles_per_epoch >= batch,
              "must be at least one batch"),

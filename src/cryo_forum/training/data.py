@@ -164,7 +164,7 @@ def ctf_table(particles: ParticleSet) -> tuple[tuple[float, ...], ...]:
 def _map_data(config: TrainingConfig, run: Run, first_epoch: int) -> tuple[TrainingConfig, TrainingData]:
     """Fresh simulated particles for every batch, fixed simulated validation and test sets in the run folder."""
     from cryo_forum.io.maps import load_volume
-    from cryo_forum.streams.simulation import SimulationSettings, simulated_batches, write_simulation
+    from cryo_forum.streams.simulation import SimulationSettings, SNRCurriculum, simulated_batches, write_simulation
 
     data = config.data
     volume, pixel_size = load_volume(data.volume, pixel_size=data.apix, size=data.box_size)
@@ -182,6 +182,9 @@ def _map_data(config: TrainingConfig, run: Run, first_epoch: int) -> tuple[Train
         run.save_split(Split.of_map(data.volume, files, seed=config.seed))
     batch_size = config.optimisation.batch_size
     steps_per_epoch = max(1, data.particles_per_epoch // batch_size)
+    curriculum = None
+    if data.snr_start is not None:
+        curriculum = SNRCurriculum(data.snr_start, steps_per_epoch * max(1, config.optimisation.epoch_limit // 2))
     train = simulated_batches(
         volume,
         pixel_size,
@@ -189,6 +192,7 @@ def _map_data(config: TrainingConfig, run: Run, first_epoch: int) -> tuple[Train
         batch_size,
         seed=config.seed + WORKER_SEED_STRIDE * worker_index(),
         start=first_epoch * steps_per_epoch,
+        curriculum=curriculum,
     )
     val_particles = ParticleSet.open(run.fixed_set("val"))
     val = particle_batches(val_particles, np.arange(len(val_particles)), batch_size)
@@ -200,10 +204,18 @@ def _map_data(config: TrainingConfig, run: Run, first_epoch: int) -> tuple[Train
         steps_per_epoch=steps_per_epoch,
         description=(
             f"fresh particles simulated from {data.volume} ({data.box_size} px at {pixel_size:.2f} A/px, "
-            f"SNR {data.snr}, CTF {'on' if data.ctf else 'off'}, {data.outliers:.0%} outliers), {data.n_val} fixed "
-            "validation particles"
+            f"SNR {_snr_text(data)}, CTF {'on' if data.ctf else 'off'}, {data.outliers:.0%} outliers), "
+            f"{data.n_val} fixed validation particles"
         ),
     )
+
+
+def _snr_text(data: MapData) -> str:
+    if data.snr is None:
+        return "none"
+    if data.snr_start is None:
+        return f"{data.snr:.3g}"
+    return f"{data.snr_start:.3g} falling to {data.snr:.3g} over the first half"
 
 
 def _shard(dataset: tf.data.Dataset, policy) -> tf.data.Dataset:

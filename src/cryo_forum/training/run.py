@@ -33,6 +33,8 @@ MODEL_NAME = "model.keras"
 HISTORY_NAME = "history.csv"
 CALIBRATION_NAME = "calibration.json"
 CACHE_NAME = "cache.h5"
+REFERENCE_NAME = "reference.mrc"
+PRETRAINING = "pretrain"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 WEIGHTS_NAME = "weights.weights.h5"
@@ -61,6 +63,17 @@ class Run:
     @property
     def has_split(self) -> bool:
         return self.file(SPLIT_NAME).is_file()
+
+    @property
+    def pretraining(self) -> Run:
+        """The run folder of the pre-training stage (particles simulated from the set's own map)."""
+        return Run(self.path / PRETRAINING)
+
+    def save_reference(self, reference) -> None:
+        """The reference map (and its half maps and FSC) a run reconstructed from its consensus set."""
+        from cryo_forum.io.mrc import write_volume
+
+        write_volume(self.file(REFERENCE_NAME), reference.map, reference.pixel_size)
 
     @property
     def logs(self) -> Path:

@@ -23,7 +23,8 @@ from cryo_forum.training.callbacks import LossWeightScheduler, TrainingState
 from cryo_forum.training.config import Optimisation, StarData, TrainingConfig
 from cryo_forum.training.data import Inspected, inspect, training_data, validation_set
 from cryo_forum.training.distribution import is_chief, make_strategy
-from cryo_forum.training.run import MODEL_NAME, WEIGHTS_NAME, Run, load_run
+from cryo_forum.training.pretraining import fine_tuning_config, noise_estimate, origin_sigma, pretraining_config
+from cryo_forum.training.run import MODEL_NAME, REFERENCE_NAME, WEIGHTS_NAME, Run, load_run
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def train(config: TrainingConfig, out: str | Path, resume: bool = False, verbose
     try:
         return _train(inspected, run, outputs, strategy, resume, verbose)
     except BaseException:
-        if chief and not resume and run.latest_checkpoint() is None:
+        if chief and not resume and run.latest_checkpoint() is None and not run.pretraining.checkpoints():
             _remove_run(run, existed)
         raise
     finally:
@@ -129,17 +130,21 @@ def _train(inspected: Inspected, run: Run, outputs: Run, strategy, resume: bool,
     if chief:
         run.remove_partial_checkpoints()
         run.save_config(inspected.config)
+    pretrained = _pretrain(inspected, run, strategy, verbose) if _pretrains(inspected.config) else None
     with stream_errors():
         config, data = training_data(inspected, run, resume, first_epoch)
     if chief:
         run.save_config(config)  # with the preprocessing completed from the data
-    log.info(f"training on {data.description}")
+    log.info(f"{'fine-tuning' if pretrained else 'training'} on {data.description}")
+    schedule = fine_tuning_config(config) if pretrained else config  # the loss and learning rate in force
     with strategy.scope():
         model = build_model(config)
-        model.compile(optimizer=make_optimizer(config.optimisation, data.steps_per_epoch))
+        model.compile(optimizer=make_optimizer(schedule.optimisation, data.steps_per_epoch))
         if latest:
             model.optimizer.build(model.trainable_variables)  # its slots exist before they are loaded
             model.load_weights(latest[0] / WEIGHTS_NAME)
+        elif pretrained:
+            model.set_weights(Run(pretrained).load_model().get_weights())
     settings = config.optimisation
     length = (
         f"{settings.epochs} epochs"
@@ -150,7 +155,7 @@ def _train(inspected: Inspected, run: Run, outputs: Run, strategy, resume: bool,
         f"model: {config.model.encoder} encoder ({model.count_params():,} parameters), {config.model.head} head, "
         f"{config.images.image_size} px, {strategy.num_replicas_in_sync} replica(s); {length}"
     )
-    state = TrainingState(config, outputs, data.steps_per_epoch, latest[1] if latest else {})
+    state = TrainingState(schedule, outputs, data.steps_per_epoch, latest[1] if latest else {})
     if latest and state.state.get("best_epoch") == first_epoch - 1 and chief:
         with atomic_output(run.file(MODEL_NAME)) as tmp:  # its save may have been cut short by the interrupt
             model.save(tmp)
@@ -159,7 +164,7 @@ def _train(inspected: Inspected, run: Run, outputs: Run, strategy, resume: bool,
         log.info(f"{run.path}: training had already finished after {first_epoch} epochs")
     else:
         callbacks = [
-            LossWeightScheduler(config.loss),
+            LossWeightScheduler(schedule.loss),
             keras.callbacks.TensorBoard(str(outputs.logs), write_graph=False, profile_batch=0),
             state,
         ]
@@ -179,6 +184,48 @@ def _train(inspected: Inspected, run: Run, outputs: Run, strategy, resume: bool,
     return history
 
 
+def _pretrains(config: TrainingConfig) -> bool:
+    """Whether a run pre-trains on particles simulated from its own reconstruction (labelled particles only)."""
+    if not isinstance(config.data, StarData) or not config.data.pretrain:
+        return False
+    if config.optimisation.strategy == "multiworker":
+        log.info("pre-training is skipped under the multiworker strategy (give --no-pretrain to silence this)")
+        return False
+    return True
+
+
+def _pretrain(inspected: Inspected, run: Run, strategy, verbose: int) -> Path:
+    """Reference map, noise and CTFs of the consensus set, then a map run on them; the pre-trained run's folder."""
+    from cryo_forum.io.mrc import read_volume
+    from cryo_forum.physics.reconstruction import reference_map
+
+    config, particles = inspected.config, inspected.particles
+    pretraining = run.pretraining
+    if not run.file(REFERENCE_NAME).exists():
+        log.info(f"pre-training, step 1 of 3: reconstructing the reference map of {len(particles)} particles")
+        reference = reference_map(particles, inspected.split.indices["train"], config.symmetry, progress=verbose > 0)
+        run.save_reference(reference)
+        log.info(f"reference map: {run.file(REFERENCE_NAME)} (half maps agree to {reference.resolution}, FSC 0.143)")
+    reference, _ = read_volume(run.file(REFERENCE_NAME))
+    if not pretraining.exists or pretraining.latest_checkpoint() is None or not _finished(pretraining):
+        noise = noise_estimate(particles, inspected.split.indices["train"], reference)
+        sigma = origin_sigma(particles)
+        simulated = pretraining_config(config, str(run.file(REFERENCE_NAME)), particles.pixel_size, noise, sigma)
+        log.info(
+            f"pre-training, step 2 of 3: {config.data.pretrain_epochs} epochs of {simulated.data.particles_per_epoch} "
+            f"particles simulated from the reference with the set's CTFs, noise spectrum (SNR {noise.snr:.3f} from "
+            f"{noise.particles} particles) and origins (sigma {sigma:.2f} px) into {pretraining.path}"
+        )
+        train(simulated, pretraining.path, resume=pretraining.exists, verbose=verbose)
+    log.info("pre-training, step 3 of 3: fine-tuning on the set's own images")
+    return pretraining.path
+
+
+def _finished(run: Run) -> bool:
+    latest = run.latest_checkpoint()
+    return latest is not None and latest[1]["epoch"] >= run.load_config().optimisation.epoch_limit
+
+
 def calibrate_on_validation(run: Run) -> None:
     """Predict the validation particles with the best model and store the uncertainty calibration.
 
@@ -195,5 +242,5 @@ def calibrate_on_validation(run: Run) -> None:
     errors = pose_errors_deg(table, truth, config.symmetry)
     if OUTLIER in truth:
         table[OUTLIER] = truth[OUTLIER].to_numpy()
-    path = run.save_calibration(calibrate(table, errors_deg=errors))
+    path = run.save_calibration(calibrate(table, errors_deg=errors, symmetry=config.symmetry))
     log.info(f"uncertainty calibrated on {len(table)} validation particles: {path}")
