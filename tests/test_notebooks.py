@@ -8,7 +8,15 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 # what each tutorial leaves in its working folder when it ran to the end
 PRODUCTS = {
     "01_quickstart": ["run/model.keras", "predicted.star", "kept.star", "report/metrics.json", "montage.png"],
-    "02_real_data": ["relion_project", "cryosparc_P1"],
+    "02_real_data": [
+        "job/consensus.star",
+        "run/reference.mrc",
+        "run/pretrain/model.keras",
+        "run/predicted.star",
+        "run/kept.star",
+        "run/kept_fsc/fsc.json",
+        "cryosparc_P1/J20/J20_particles.cs",
+    ],
     "03_symmetry": ["symmetry/d2_map.mrc"],
     "04_uncertainty": ["run/calibration.json", "predicted.star", "kept.star", "kept70.star"],
     "05_design_choices": ["design_choices.csv"],

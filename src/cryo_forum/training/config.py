@@ -47,7 +47,7 @@ class StarData:
     junk_prior: float = 0.1  # share of the labelled particles that may be junk with meaningless poses
     balance_views: float = 0.5  # strength of the weights that balance preferred views (0: none)
     pretrain: bool = True  # first train on particles simulated from the set's own reconstruction
-    pretrain_epochs: int = 60  # epochs of 6400 simulated particles before the real images
+    pretrain_epochs: int = 90  # epochs of 6400 simulated particles before the real images
 
 
 @dataclass
