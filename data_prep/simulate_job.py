@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=benchmark_map_path(),
         metavar="MAP",
-        help="map (.mrc) or atomic model (.pdb, .cif) of the particles (default: the package's 5J0N map)",
+        help="map (.mrc) or atomic model (.pdb, .cif) of the particles "
+        f"(default: the package's 5J0N map, {benchmark_map_path()})",
     )
     parser.add_argument(
         "--other-volume",

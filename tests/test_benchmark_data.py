@@ -27,10 +27,12 @@ GENERATED = {"__pycache__", ".ipynb_checkpoints", "notebook_runs"}
 SIMULATING = {
     "bench/accuracy.py": benchmark_map_path(),
     "bench/accuracy_vs_snr.py": benchmark_map_path(),
+    "bench/realistic.py": benchmark_map_path(),
     "bench/scaling.py": example_map_path(),
     "bench/throughput.py": example_map_path(),
     "data_prep/simulate_5j0n.py": benchmark_map_path(),
     "data_prep/simulate_example.py": example_map_path(),
+    "data_prep/simulate_job.py": benchmark_map_path(),
 }
 WITHOUT_MAP = {"bench/cleanup.py", "data_prep/make_example_map.py"}
 COMMANDS = sorted(
