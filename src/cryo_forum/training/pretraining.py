@@ -58,6 +58,7 @@ def noise_estimate(particles: ParticleSet, indices: np.ndarray, reference: np.nd
     projector = FourierProjector(reference)
     ctfs = ParticleCTFs(particles)
     quaternions, origins = particles.quaternions(), particles.shifts_px()
+    counts = np.bincount(shells, weights=grid.hermitian_weights.ravel(), minlength=size // 2 + 1)
     shell_power, snrs = [], []
     for start in range(0, len(chosen), 256):
         rows = chosen[start : start + 256]
@@ -74,7 +75,6 @@ def noise_estimate(particles: ParticleSet, indices: np.ndarray, reference: np.nd
         signal = scale[:, None, None] * models
         residuals = images - signal
         power = np.abs(np.fft.rfft2(residuals)) ** 2 * grid.hermitian_weights
-        counts = np.bincount(shells, weights=grid.hermitian_weights.ravel(), minlength=size // 2 + 1)
         per_shell = np.stack([np.bincount(shells, weights=p.ravel(), minlength=size // 2 + 1) for p in power])
         shell_power.append(per_shell / np.maximum(counts, 1e-30))
         snrs.append(np.var(signal, axis=(1, 2)) / np.maximum(np.var(residuals, axis=(1, 2)), 1e-30))
