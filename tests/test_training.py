@@ -21,7 +21,8 @@ from cryo_forum.io.particles import ParticleSet
 from cryo_forum.streams.simulation import write_simulation
 from cryo_forum.training.config import StarData, TrainingConfig
 
-TINY = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1", "--no-pretrain"]
+MODEL = ["--image-size", "32", "--batch-size", "16", "--widths", "8", "16", "--seed", "1"]
+TINY = [*MODEL, "--no-pretrain"]  # labelled particles: the images alone
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def test_training_from_a_map_draws_fresh_particles_and_keeps_fixed_sets(tmp_path
         "1",
         "--outliers",
         "0.1",
-        *TINY,
+        *MODEL,
     ]
     assert main(args) == 0
     assert len(starfile.read(run / "val" / "particles.star")["particles"]) == 32
