@@ -202,9 +202,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(particles, tmp_path):
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from cryo_forum import geometry
-from cryo_forum.cli import main
-from cryo_forum.io.particles import ParticleSet
+        from cryo_forum.cli import main
         sys.exit(main({command!r}))
         """
     )
