@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from cryo_forum.cli import main
+from cryo_forum.io import star as star_io
 from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.io.mrc import read_volume
 from cryo_forum.io.particles import ParticleSet
@@ -14,6 +15,7 @@ from cryo_forum.physics.renderer import ParticleRenderer
 from cryo_forum.physics.settings import SimulationSettings
 from cryo_forum.streams.simulation import SNRCurriculum, write_simulation
 from cryo_forum.training.pretraining import noise_estimate, origin_sigma
+from cryo_forum.training.run import Run
 
 SIZE = 32
 TINY = ["--image-size", "32", "--batch-size", "32", "--widths", "8", "16", "--seed", "1"]
@@ -66,13 +68,28 @@ def test_train_star_pretrains_on_its_own_map_then_fine_tunes(consensus, tmp_path
     assert simulated["ctf_from"] == str(star)
     assert len(simulated["noise_spectrum"]) == SIZE // 2 + 1
     assert simulated["snr"] == pytest.approx(0.1, rel=0.5)  # against a map of the same noisy particles
-    assert simulated["origin_sigma_px"] == pytest.approx(1.5, rel=0.2)
+    assert simulated["origin_sigma_px"] is None and simulated["max_shift_px"] == pytest.approx(1.0)  # centred
+    assert Run(run).load_origin_spread() == pytest.approx(1.5 * 3.0, rel=0.2)  # where predict looks, in A
     assert (run / "pretrain" / "model.keras").is_file() and (run / "model.keras").is_file()
 
     assert main([*argv, "--resume"]) == 0  # a finished run: neither stage is repeated
     log = capsys.readouterr().err
     assert "step 1 of 3" not in log and "step 2 of 3" not in log
     assert "training had already finished" in log
+
+
+    blocks = star_io.read_star(star)  # the same particles, picked but never aligned: no origins, no poses
+    columns = [star_io.ORIGIN_X_ANGST, star_io.ORIGIN_Y_ANGST, *star_io.ANGLES]
+    blocks[star_io.PARTICLES_BLOCK] = blocks[star_io.PARTICLES_BLOCK].drop(columns=columns)
+    star_io.write_star(consensus / "picked.star", blocks, version=30001)
+    out = tmp_path / "predicted.star"
+    assert main(["predict", "--model", str(run), "--star", str(consensus / "picked.star"), "--out", str(out)]) == 0
+    predicted = ParticleSet.open(out)
+    assert star_io.SHIFT_SCORE in predicted.table and np.isfinite(predicted.table[star_io.SHIFT_SCORE]).all()
+    sigma_px = Run(run).load_origin_spread() / 3.0  # 3 A/px
+    # trials reach half a step beyond 3 sigma, the last search a step around one, its parabola half a pixel more
+    reach = 3.0 * sigma_px + 0.75 + 1.5 + np.sqrt(0.5)
+    assert predicted.has_origins and np.all(np.hypot(*predicted.shifts_px().T) <= reach + 1e-6)
 
 
 def test_the_snr_curriculum_starts_clear_and_ends_at_the_sets_snr():

@@ -5,8 +5,10 @@ Writes a STAR file that keeps every input block and column, with the predicted r
 filter and evaluate), _cfDispersionTrace, _cfMaxDispersion (larger = less sure), _cfEigenGap (larger = surer)
 and the four eigenvalues. Images are read and predicted in batches, so memory does not grow with the stack.
 Particles without origins (picked, never aligned) get them when a reference map is at hand (the run's own, made
-when it pre-trained on its consensus set, or --reference): a translational search at the predicted pose, the
-particle re-centred and predicted again, and the search repeated (rlnOriginX/YAngst and _cfShiftScore are written).
+when it pre-trained on its consensus set, or --reference): the network predicts each particle re-centred at every
+trial origin of a grid within --max-shift, the trial whose pose the map's projection fits best is kept, and the
+particle re-centred there is predicted again and its origin refined (rlnOriginX/YAngst and _cfShiftScore are
+written).
 A warning is logged when the predicted viewing directions collapse onto a few views.
 
 Example:
@@ -36,6 +38,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="map to search the origins of particles without them against (default: the run's reference.mrc, "
         "made when it pre-trained on its consensus set; none: origins are not searched)",
     )
+    parser.add_argument(
+        "--max-shift",
+        type=float,
+        metavar="PX",
+        help="how far from the box centre (px) the origins of particles without them are looked for (default: "
+        "3 x the spread of the training particles' origins; a tenth of the box for runs trained on a map)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="particles per batch (default: 256)")
 
 
@@ -64,6 +73,20 @@ def _add_junk_scores(table, run) -> None:
         table[star.JUNK_SCORE] = scores_from_table(table, "junk_score", "the predictions", calibration)
 
 
+def _centring(args: argparse.Namespace, run, particles, preprocessor):
+    """Where origins are looked for: within --max-shift (or 3 x the run's origin spread), on a grid fine enough
+    for the network (CENTRING_ERROR_PX apart in its pixels, times 1.5)."""
+    from cryo_forum.prediction.predict import Centring
+    from cryo_forum.streams.augment import CENTRING_ERROR_PX
+
+    spread = run.load_origin_spread()
+    reach = args.max_shift
+    if reach is None:
+        reach = 3.0 * spread / particles.pixel_size if spread is not None else particles.box_size / 10
+    step = 1.5 * CENTRING_ERROR_PX * particles.box_size / preprocessor.image_size
+    return Centring(reach_px=float(reach), step_px=float(step))
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -75,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise CryoForumError(f"--batch-size: must be positive, got {args.batch_size}")
+    if args.max_shift is not None and not args.max_shift >= 0:
+        raise CryoForumError(f"--max-shift: must be >= 0 px, got {args.max_shift}")
     particles = ParticleSet.open(args.star, datadir=args.datadir)
     guard = OutputGuard().protect_particles(particles).protect(args.model, "a file of the run")
     guard.protect(args.reference).check_file(args.out)
@@ -93,7 +118,15 @@ def main(args: argparse.Namespace) -> int:
         from cryo_forum.io.maps import load_volume
 
         reference, _ = load_volume(reference_path, particles.pixel_size, particles.box_size, center=False)
-    table = predict_particles(model, particles, preprocessor, indices, batch_size=args.batch_size, reference=reference)
+    table = predict_particles(
+        model,
+        particles,
+        preprocessor,
+        indices,
+        batch_size=args.batch_size,
+        reference=reference,
+        centring=_centring(args, run, particles, preprocessor),
+    )
     _add_junk_scores(table, run)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -54,31 +55,55 @@ def predict_particles(
     batch_size: int = 256,
     progress: bool = True,
     reference: np.ndarray | None = None,
+    centring: Centring | None = None,
 ) -> pd.DataFrame:
     """Predicted angles and uncertainty scores for ``indices`` (default: all), one row per particle.
 
     Particles with origins are re-centred by them first. With a ``reference`` map (sampled like the particles)
-    particles without origins get them: a translational search at the predicted pose finds each origin, the
-    particle re-centred by it is predicted again (the network is surest of centred particles), and the search
-    is repeated at the new pose; the table then holds the origins too.
+    particles without origins get them (see :mod:`cryo_forum.prediction.shifts`): the network predicts each
+    particle re-centred by every trial origin of ``centring``, the trial whose pose the reference fits best gives
+    the origin, and the particle re-centred there is predicted again and its origin refined at that pose; the
+    table then holds the origins too.
     """
     indices = np.arange(len(particles)) if indices is None else np.asarray(indices)
     forward = inference_function(model)
-    quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, None)
-    table = prediction_table(quaternions, eigenvalues)
     if reference is None or particles.has_origins:
-        return table
+        quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, None)
+        return prediction_table(quaternions, eigenvalues)
     from cryo_forum.prediction.shifts import search_origins
 
-    origins, _ = search_origins(particles, quaternions, reference, indices, progress=progress)
-    log.info(f"origins searched at the predicted poses of {len(indices)} particles; predicting them re-centred")
+    centring = centring or Centring()
+    trials = centring.trials()
+    log.info(f"centring {len(indices)} particles: the network's poses at {len(trials)} trial origins")
+    at_trial = [np.broadcast_to(trial, (len(indices), 2)) for trial in trials]
+    poses = np.stack([_predict(forward, particles, preprocessor, indices, batch_size, False, at)[0] for at in at_trial])
+    centres = np.broadcast_to(trials[:, None, :], (len(trials), len(indices), 2))
+    origins, _, _ = search_origins(
+        particles, poses, reference, indices, centring.step_px, progress=progress, centres=centres
+    )
     quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, origins)
-    origins, scores = search_origins(particles, quaternions, reference, indices, progress=progress)
+    origins, scores, _ = search_origins(
+        particles, quaternions, reference, indices, centring.step_px, progress=progress, centres=origins[None]
+    )
     table = prediction_table(quaternions, eigenvalues)
     for column, values in origin_columns(particles, origins).items():
         table[column] = values
     table[star.SHIFT_SCORE] = scores
     return table
+
+
+@dataclass(frozen=True)
+class Centring:
+    """Where the origins of particles never aligned are looked for: trial origins every ``step_px`` within
+    ``reach_px`` of the box centre (px of the particles' box)."""
+
+    reach_px: float = 6.0
+    step_px: float = 1.5
+
+    def trials(self) -> np.ndarray:
+        from cryo_forum.prediction.shifts import trial_origins
+
+        return trial_origins(self.reach_px, self.step_px)
 
 
 def _predict(forward, particles, preprocessor, indices, batch_size, progress, origins):

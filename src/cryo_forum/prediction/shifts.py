@@ -1,11 +1,17 @@
-"""Origins of particles that were picked but never aligned: a translational search at their predicted poses.
+"""Origins of particles that were picked but never aligned: trial centres for the network, and a translational
+search at the predicted poses against the reference map.
 
 For a particle with pose A, CTF C and image spectrum X, the reference map's central slice P at A predicts the
 image up to a shift. The noise-whitened cross-correlation ``c(s) = sum_k w_k X(k) conj(C P)(k) e^{2 pi i k.s / D}``
 (``w_k`` = 1 / the set's noise power in the shell of k) peaks at the shift s of the particle's content from the
 box centre, found on the pixel grid by one inverse FFT and refined to a fraction of a pixel by a parabola through
 the peak and its neighbours. RELION's origin is the opposite: the particle appears at the box centre minus its
-origin, so ``origin = -s``. The search is limited to ``max_shift_px``.
+origin, so ``origin = -s``.
+
+A network trained on centred particles gives its poses for a particle re-centred by each of a grid of trial
+origins (:func:`trial_origins`); :func:`search_origins` scores every trial by the correlation peak within reach
+of its centre at its pose, and keeps the best. A wrong centre gives a wrong pose and a poor fit, so the search
+needs no pose to start from.
 """
 
 from __future__ import annotations
@@ -20,6 +26,16 @@ from cryo_forum.prediction.matching import shell_noise_power
 from cryo_forum.progress import progress as progress_bar
 
 
+def trial_origins(reach_px: float, step_px: float) -> np.ndarray:
+    """Origins (x, y, px) [T, 2] of a square grid of spacing ``step_px`` within ``reach_px`` of the centre, (0, 0)
+    first. Every origin within reach is at most ``step_px / sqrt(2)`` from one of them."""
+    count = int(np.ceil(reach_px / step_px))
+    steps = np.arange(-count, count + 1) * step_px
+    grid = np.stack(np.meshgrid(steps, steps, indexing="xy"), axis=-1).reshape(-1, 2)
+    grid = grid[np.hypot(*grid.T) <= reach_px + 0.5 * step_px]
+    return grid[np.argsort(np.hypot(*grid.T), kind="stable")]
+
+
 def _parabola_offset(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Sub-pixel offset in [-0.5, 0.5] of the vertex of the parabola through three samples [N]."""
     curvature = left - 2.0 * centre + right
@@ -27,16 +43,18 @@ def _parabola_offset(left: np.ndarray, centre: np.ndarray, right: np.ndarray) ->
     return np.clip(offset, -0.5, 0.5)
 
 
-def _peaks(correlation: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-pixel peak shifts (x, y) [b, 2] and peak values [b] of correlation images [b, D, D] (FFT order)."""
+def _peaks(correlation: np.ndarray, allowed: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel peak shifts (x, y) [b, 2] and peak values [b] of correlation images [b, D, D] (FFT order) within
+    ``allowed`` [b, D, D]: the best allowed pixel, refined by the parabola through it and its neighbours."""
     size = correlation.shape[-1]
-    row, column = np.unravel_index(np.argmax(correlation.reshape(len(correlation), -1), axis=1), (size, size))
+    masked = np.where(allowed, correlation, -np.inf).reshape(len(correlation), -1)
+    row, column = np.unravel_index(np.argmax(masked, axis=1), (size, size))
     take = np.arange(len(correlation))
     centre = correlation[take, row, column]
-    around = {}
-    for dy, dx in ((0, -1), (0, 1), (-1, 0), (1, 0)):
-        values = correlation[take, (row + dy) % size, (column + dx) % size]
-        around[dy, dx] = np.where(np.isfinite(values), values, centre)  # beyond the search: a flat parabola
+    around = {
+        (dy, dx): correlation[take, (row + dy) % size, (column + dx) % size]
+        for dy, dx in ((0, -1), (0, 1), (-1, 0), (1, 0))
+    }
     shift_x = offsets[column] + _parabola_offset(around[0, -1], centre, around[0, 1])
     shift_y = offsets[row] + _parabola_offset(around[-1, 0], centre, around[1, 0])
     return np.stack([shift_x, shift_y], axis=-1), centre
@@ -50,14 +68,23 @@ def search_origins(
     max_shift_px: float | None = None,
     batch_size: int = 128,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Origins [n, 2] (x, y, px of the stack) and peak scores [n] of particles ``indices`` (default all) whose
-    poses are ``quaternions`` [n, 4], against ``reference`` [D, D, D] sampled like the particles.
+    centres: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Origins [n, 2] (x, y, px of the stack), peak scores [n] and chosen trials [n] of particles ``indices``
+    (default all) against ``reference`` [D, D, D] sampled like the particles.
 
-    ``max_shift_px`` (default a quarter of the box) bounds the search. The score is the whitened correlation
-    at the peak divided by its norm: comparable between particles of one set, larger is a better fit.
+    ``quaternions`` are the poses, [n, 4], or [T, n, 4] for T trials per particle whose origins ``centres``
+    [T, n, 2] (default zero) are where each trial's search is centred; a trial's origin is searched within
+    ``max_shift_px`` (default a quarter of the box) of its centre, and the best-scoring trial is kept. The score
+    is the whitened correlation at the peak divided by its norm: comparable between particles of one set, larger
+    is a better fit.
     """
     indices = np.arange(len(particles)) if indices is None else np.asarray(indices)
+    quaternions = np.asarray(quaternions, dtype=np.float64)
+    if quaternions.ndim == 2:
+        quaternions = quaternions[None]
+    trials = len(quaternions)
+    centres = np.zeros((trials, len(indices), 2)) if centres is None else np.asarray(centres, dtype=np.float64)
     size = particles.box_size
     reach = size / 4.0 if max_shift_px is None else float(max_shift_px)
     grid = FourierGrid(size)
@@ -66,22 +93,36 @@ def search_origins(
     projector = FourierProjector(reference)
     ctfs = ParticleCTFs(particles)
     offsets = np.fft.fftfreq(size) * size  # shift of each correlation pixel, FFT order
-    allowed = np.hypot(offsets[:, None], offsets[None, :]) <= reach
     origins = np.zeros((len(indices), 2))
-    scores = np.zeros(len(indices))
+    scores = np.full(len(indices), -np.inf)
+    chosen = np.zeros(len(indices), dtype=np.int64)
     with progress_bar(len(indices), description="origins", enabled=progress) as bar:
         for start in range(0, len(indices), batch_size):
             rows = slice(start, start + batch_size)
             batch = indices[rows]
             images = particles.images(batch).astype(np.float64)
-            spectra = np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))
-            models = np.fft.rfft2(np.fft.ifftshift(projector.project(quaternions[rows]).numpy(), axes=(-2, -1)))
-            models *= ctfs(batch)
-            product = weights * spectra * np.conj(models)
-            correlation = np.fft.irfft2(product, s=(size, size))  # [b, y, x]: content moved by (x, y)
-            norm = np.sqrt(np.sum(weights * grid.hermitian_weights * np.abs(models) ** 2, axis=(1, 2)))
-            shifts, peak = _peaks(np.where(allowed, correlation, -np.inf), offsets)
-            origins[rows] = -shifts
-            scores[rows] = peak / np.maximum(norm, 1e-30)
+            spectra = weights * np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))
+            ctf = ctfs(batch)
+            for trial in range(trials):
+                projections = projector.project(quaternions[trial, rows]).numpy()
+                models = np.fft.rfft2(np.fft.ifftshift(projections, axes=(-2, -1))) * ctf
+                correlation = np.fft.irfft2(spectra * np.conj(models), s=(size, size))  # content moved by (x, y)
+                norm = np.sqrt(np.sum(weights * grid.hermitian_weights * np.abs(models) ** 2, axis=(1, 2)))
+                centre = -centres[trial, rows]  # content shift of the trial's centre
+                distance = np.hypot(
+                    _wrapped(offsets[None, None, :] - centre[:, 0, None, None], size),
+                    _wrapped(offsets[None, :, None] - centre[:, 1, None, None], size),
+                )
+                shifts, peak = _peaks(correlation, distance <= reach, offsets)
+                score = peak / np.maximum(norm, 1e-30)
+                better = score > scores[rows]
+                origins[rows][better] = -shifts[better]
+                scores[rows] = np.where(better, score, scores[rows])
+                chosen[rows] = np.where(better, trial, chosen[rows])
             bar.update(len(batch))
-    return origins, scores
+    return origins, scores, chosen
+
+
+def _wrapped(offsets: np.ndarray, size: int) -> np.ndarray:
+    """Pixel offsets taken to the periodic box's nearest image, in [-D / 2, D / 2)."""
+    return (offsets + size / 2) % size - size / 2

@@ -23,6 +23,8 @@ from cryo_forum.physics.fourier import rotate_images, translate_images
 if TYPE_CHECKING:
     import tensorflow as tf
 
+CENTRING_ERROR_PX = 1.0  # px of the network's images: how far off-centre the trained network must still work
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -54,12 +56,13 @@ class Augmentation:
 
     def with_shifts_of(self, origins_px: np.ndarray) -> Augmentation:
         """These settings with an unset ``max_shift_px`` chosen from the particles' origins [N, 2] (px of the
-        augmented images): twice their spread (std per axis), so re-centred particles are moved as much as
-        particles picked but never aligned are off-centre. A set without origins gets none."""
+        augmented images): re-centred particles are moved by up to CENTRING_ERROR_PX, as far as ``predict``'s
+        centring leaves particles never aligned off-centre (less for sets whose origins spread less). A set
+        without origins gets none."""
         if self.max_shift_px is not None:
             return self
         spread = float(np.std(origins_px)) if len(origins_px) else 0.0
-        return dataclasses.replace(self, max_shift_px=round(2.0 * spread, 2))
+        return dataclasses.replace(self, max_shift_px=round(min(CENTRING_ERROR_PX, 2.0 * spread), 2))
 
     def __call__(self, images: tf.Tensor, quaternions: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Augment images float32 [B, S, S] and their poses [B, 4]; ``seed`` int [2] (stateless random ops).

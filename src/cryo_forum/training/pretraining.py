@@ -5,9 +5,12 @@ like it.
 Before a run on labelled particles trains on their images, :func:`pretraining_config` makes a map run from
 what the set shows: its reference map (reconstructed from the consensus poses, FSC-weighted and masked), the
 CTF of one of its particles for every simulated one, its noise power spectrum and signal-to-noise ratio
-(measured on the residuals of its particles against the map's projections) and the spread of its origins.
-The simulated particles start clearer than the set (an SNR curriculum from START_SNR down to the set's own over
-the first half of the pre-training), so the network learns features in a fraction of the epochs. The network
+(measured on the residuals of its particles against the map's projections). The simulated particles are
+centred to within the error ``predict``'s centring leaves (CENTRING_ERROR_PX): a network learns poses from
+centred particles several times faster than from particles a few pixels off-centre, and finds the centre of
+particles never aligned by trying it (see :mod:`cryo_forum.prediction.shifts`). The simulated particles
+start clearer than the set (an SNR curriculum from START_SNR down to the set's own over the first half of the
+pre-training), so the network learns features in a fraction of the epochs. The network
 trained on those particles (RUN/pretrain/, a run folder of its own) is then fine-tuned on the real images.
 """
 
@@ -23,6 +26,7 @@ from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.fourier import FourierGrid
 from cryo_forum.physics.particle_ctf import ParticleCTFs
 from cryo_forum.physics.projection import FourierProjector
+from cryo_forum.streams.augment import CENTRING_ERROR_PX
 from cryo_forum.training.config import LossSchedule, MapData, Optimisation, StarData, TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -90,7 +94,7 @@ def origin_sigma(particles: ParticleSet) -> float:
 
 
 def pretraining_config(
-    config: TrainingConfig, reference_path: str, pixel_size: float, noise: NoiseEstimate, sigma: float
+    config: TrainingConfig, reference_path: str, pixel_size: float, noise: NoiseEstimate
 ) -> TrainingConfig:
     """The map run that pre-trains a run on labelled particles (see the module notes)."""
     data: StarData = config.data
@@ -103,8 +107,7 @@ def pretraining_config(
         ctf=True,
         ctf_from=data.star,
         noise_spectrum=[float(value) for value in noise.spectrum],
-        origin_sigma_px=sigma,
-        max_shift_px=3.0 * sigma,
+        max_shift_px=CENTRING_ERROR_PX * config.images.input_size / config.images.image_size,
         outliers=SIMULATED_OUTLIERS,
         particles_per_epoch=PARTICLES_PER_EPOCH,
         n_val=500,

@@ -4,7 +4,8 @@
 setting, the preprocessing included, see :mod:`cryo_forum.training.config`), ``split.json``
 (:class:`~cryo_forum.streams.splits.Split`), ``model.keras`` (the best epoch), ``history.csv`` (one row per
 completed epoch), ``calibration.json`` (:mod:`cryo_forum.prediction.calibration`), ``logs/`` (TensorBoard),
-``checkpoints/`` and, for map runs, the fixed simulated sets ``val/`` and ``test/``.
+``origins.json`` (the spread of a labelled set's origins), ``checkpoints/`` and, for map runs, the fixed
+simulated sets ``val/`` and ``test/``.
 
 Every file is replaced atomically, so an interrupt at any moment (Ctrl-C, SIGTERM, SIGKILL) leaves a run that
 ``--resume`` continues: a checkpoint is a folder ``checkpoints/epoch-NNNNN`` holding the model and optimiser
@@ -34,6 +35,7 @@ HISTORY_NAME = "history.csv"
 CALIBRATION_NAME = "calibration.json"
 CACHE_NAME = "cache.h5"
 REFERENCE_NAME = "reference.mrc"
+ORIGINS_NAME = "origins.json"
 PRETRAINING = "pretrain"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
@@ -74,6 +76,22 @@ class Run:
         from cryo_forum.io.mrc import write_volume
 
         write_volume(self.file(REFERENCE_NAME), reference.map, reference.pixel_size)
+
+    def save_origin_spread(self, sigma_angstrom: float) -> None:
+        """The spread (std per axis, A) of the training particles' origins: how far off-centre particles picked
+        like them may be, which is where ``predict`` looks for the origins of particles without them."""
+        with atomic_output(self.file(ORIGINS_NAME)) as tmp:
+            tmp.write_text(json.dumps({"sigma_angstrom": float(sigma_angstrom)}) + "\n", encoding="utf-8")
+
+    def load_origin_spread(self) -> float | None:
+        """The spread saved by :meth:`save_origin_spread` in A (None for a run without it)."""
+        path = self.file(ORIGINS_NAME)
+        if not path.exists():
+            return None
+        try:
+            return float(json.loads(path.read_text(encoding="utf-8"))["sigma_angstrom"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CryoForumError(f"{path}: not a readable origins file ({error})") from None
 
     @property
     def logs(self) -> Path:

@@ -130,6 +130,8 @@ def _train(inspected: Inspected, run: Run, outputs: Run, strategy, resume: bool,
     if chief:
         run.remove_partial_checkpoints()
         run.save_config(inspected.config)
+        if inspected.particles is not None:
+            run.save_origin_spread(origin_sigma(inspected.particles) * inspected.particles.pixel_size)
     pretrained = _pretrain(inspected, run, strategy, verbose) if _pretrains(inspected.config) else None
     with stream_errors():
         config, data = training_data(inspected, run, resume, first_epoch)
@@ -209,12 +211,12 @@ def _pretrain(inspected: Inspected, run: Run, strategy, verbose: int) -> Path:
     reference, _ = read_volume(run.file(REFERENCE_NAME))
     if not pretraining.exists or pretraining.latest_checkpoint() is None or not _finished(pretraining):
         noise = noise_estimate(particles, inspected.split.indices["train"], reference)
-        sigma = origin_sigma(particles)
-        simulated = pretraining_config(config, str(run.file(REFERENCE_NAME)), particles.pixel_size, noise, sigma)
+        simulated = pretraining_config(config, str(run.file(REFERENCE_NAME)), particles.pixel_size, noise)
         log.info(
             f"pre-training, step 2 of 3: {config.data.pretrain_epochs} epochs of {simulated.data.particles_per_epoch} "
-            f"particles simulated from the reference with the set's CTFs, noise spectrum (SNR {noise.snr:.3f} from "
-            f"{noise.particles} particles) and origins (sigma {sigma:.2f} px) into {pretraining.path}"
+            f"particles simulated from the reference with the set's CTFs and noise spectrum (SNR {noise.snr:.3f} "
+            f"from {noise.particles} particles), centred to within {simulated.data.max_shift_px:g} px, into "
+            f"{pretraining.path}"
         )
         train(simulated, pretraining.path, resume=pretraining.exists, verbose=verbose)
     log.info("pre-training, step 3 of 3: fine-tuning on the set's own images")
