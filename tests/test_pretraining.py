@@ -77,7 +77,6 @@ def test_train_star_pretrains_on_its_own_map_then_fine_tunes(consensus, tmp_path
     assert "step 1 of 3" not in log and "step 2 of 3" not in log
     assert "training had already finished" in log
 
-
     blocks = star_io.read_star(star)  # the same particles, picked but never aligned: no origins, no poses
     columns = [star_io.ORIGIN_X_ANGST, star_io.ORIGIN_Y_ANGST, *star_io.ANGLES]
     blocks[star_io.PARTICLES_BLOCK] = blocks[star_io.PARTICLES_BLOCK].drop(columns=columns)
@@ -86,10 +85,11 @@ def test_train_star_pretrains_on_its_own_map_then_fine_tunes(consensus, tmp_path
     assert main(["predict", "--model", str(run), "--star", str(consensus / "picked.star"), "--out", str(out)]) == 0
     predicted = ParticleSet.open(out)
     assert star_io.SHIFT_SCORE in predicted.table and np.isfinite(predicted.table[star_io.SHIFT_SCORE]).all()
-    sigma_px = Run(run).load_origin_spread() / 3.0  # 3 A/px
-    # trials reach half a step beyond 3 sigma, the last search a step around one, its parabola half a pixel more
-    reach = 3.0 * sigma_px + 0.75 + 1.5 + np.sqrt(0.5)
-    assert predicted.has_origins and np.all(np.hypot(*predicted.shifts_px().T) <= reach + 1e-6)
+    assert predicted.has_origins and np.all(np.isfinite(predicted.shifts_px()))
+    centred = tmp_path / "centred.star"  # one trial, at the centre: two searches of 1.5 px (and parabolas) around it
+    argv = ["predict", "--model", str(run), "--star", str(consensus / "picked.star"), "--out", str(centred)]
+    assert main([*argv, "--max-shift", "0"]) == 0
+    assert np.all(np.hypot(*ParticleSet.open(centred).shifts_px().T) <= 2 * (1.5 + np.sqrt(0.5)) + 1e-6)
 
 
 def test_the_snr_curriculum_starts_clear_and_ends_at_the_sets_snr():
