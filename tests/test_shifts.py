@@ -6,7 +6,7 @@ from cryo_forum import geometry
 from cryo_forum.io.maps import example_map_path, load_volume
 from cryo_forum.io.mrc import read_volume
 from cryo_forum.io.particles import ParticleSet
-from cryo_forum.prediction.shifts import search_origins, trial_origins
+from cryo_forum.prediction.shifts import OriginSearch, trial_origins
 from cryo_forum.streams.simulation import write_simulation
 
 
@@ -20,10 +20,10 @@ def _shifted_particles(folder, n: int, seed: int):
 
 def test_origins_of_noisy_particles_are_found_to_a_fraction_of_a_pixel(tmp_path):
     particles, reference, truth = _shifted_particles(tmp_path, 60, 3)
-    found, scores, _ = search_origins(particles, particles.quaternions(), reference, progress=False)
+    found, scores, _ = OriginSearch(particles, reference)(particles.quaternions(), progress=False)
     error = np.hypot(*(found - truth).T)
     assert np.median(error) < 0.3 and np.mean(error < 1.0) > 0.9
-    flipped, _, _ = search_origins(particles, particles.quaternions(), reference[::-1], progress=False)
+    flipped, _, _ = OriginSearch(particles, reference[::-1])(particles.quaternions(), progress=False)
     assert np.median(np.hypot(*(flipped - truth).T)) > 1.0  # the search needs the right map: it can fail
     assert np.all(np.isfinite(scores))
 
@@ -46,7 +46,7 @@ def test_the_trial_whose_pose_fits_gives_the_origin(tmp_path):
     poses = geometry.random_quaternions(len(trials) * len(particles), 6).reshape(len(trials), len(particles), 4)
     poses[nearest, np.arange(len(particles))] = particles.quaternions()
     centres = np.broadcast_to(trials[:, None], (len(trials), len(particles), 2))
-    found, _, chosen = search_origins(particles, poses, reference, None, 1.5, progress=False, centres=centres)
+    found, _, chosen = OriginSearch(particles, reference)(poses, None, 1.5, centres, progress=False)
     assert np.mean(chosen == nearest) > 0.9
     assert np.median(np.hypot(*(found - truth).T)) < 0.3
     assert np.all(np.hypot(*(found - trials[chosen]).T) <= 1.5 + 0.5)  # within reach of the chosen trial

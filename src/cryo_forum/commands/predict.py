@@ -73,20 +73,6 @@ def _add_junk_scores(table, run) -> None:
         table[star.JUNK_SCORE] = scores_from_table(table, "junk_score", "the predictions", calibration)
 
 
-def _centring(args: argparse.Namespace, run, particles, preprocessor):
-    """Where origins are looked for: within --max-shift (or 3 x the run's origin spread), on a grid fine enough
-    for the network (CENTRING_ERROR_PX apart in its pixels, times 1.5)."""
-    from cryo_forum.prediction.predict import Centring
-    from cryo_forum.streams.augment import CENTRING_ERROR_PX
-
-    spread = run.load_origin_spread()
-    reach = args.max_shift
-    if reach is None:
-        reach = 3.0 * spread / particles.pixel_size if spread is not None else particles.box_size / 10
-    step = 1.5 * CENTRING_ERROR_PX * particles.box_size / preprocessor.image_size
-    return Centring(reach_px=float(reach), step_px=float(step))
-
-
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -105,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     guard.protect(args.reference).check_file(args.out)
     particles.validate()
 
-    from cryo_forum.prediction.predict import predict_particles, preprocessor_for
+    from cryo_forum.prediction.predict import Centring, predict_particles, preprocessor_for
     from cryo_forum.training.run import REFERENCE_NAME, Run, load_run
 
     model, config, trained_preprocessor = load_run(args.model)
@@ -125,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
         indices,
         batch_size=args.batch_size,
         reference=reference,
-        centring=_centring(args, run, particles, preprocessor),
+        centring=Centring.for_particles(particles, preprocessor, run.load_origin_spread(), args.max_shift),
     )
     _add_junk_scores(table, run)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))

@@ -22,6 +22,7 @@ from cryo_forum.io.particles import ParticleSet
 from cryo_forum.model.estimator import OrientationEstimator, inference_function
 from cryo_forum.prediction import uncertainty
 from cryo_forum.progress import progress as progress_bar
+from cryo_forum.streams.augment import CENTRING_ERROR_PX
 from cryo_forum.streams.preprocess import Preprocessor
 from cryo_forum.streams.readers import prediction_batches, stream_errors
 
@@ -70,21 +71,22 @@ def predict_particles(
     if reference is None or particles.has_origins:
         quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, None)
         return prediction_table(quaternions, eigenvalues)
-    from cryo_forum.prediction.shifts import search_origins
+    from cryo_forum.prediction.shifts import OriginSearch
 
-    centring = centring or Centring()
+    centring = centring or Centring.for_particles(particles, preprocessor)
     trials = centring.trials()
     log.info(f"centring {len(indices)} particles: the network's poses at {len(trials)} trial origins")
-    at_trial = [np.broadcast_to(trial, (len(indices), 2)) for trial in trials]
-    poses = np.stack([_predict(forward, particles, preprocessor, indices, batch_size, False, at)[0] for at in at_trial])
+    poses = np.empty((len(trials), len(indices), 4))
+    with progress_bar(len(trials), description="trial origins", enabled=progress) as bar:
+        for number, trial in enumerate(trials):
+            at_trial = np.broadcast_to(trial, (len(indices), 2))
+            poses[number] = _predict(forward, particles, preprocessor, indices, batch_size, False, at_trial)[0]
+            bar.update(1)
+    search = OriginSearch(particles, reference)
     centres = np.broadcast_to(trials[:, None, :], (len(trials), len(indices), 2))
-    origins, _, _ = search_origins(
-        particles, poses, reference, indices, centring.step_px, progress=progress, centres=centres
-    )
+    origins, _, _ = search(poses, indices, centring.step_px, centres, progress=progress)
     quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, origins)
-    origins, scores, _ = search_origins(
-        particles, quaternions, reference, indices, centring.step_px, progress=progress, centres=origins[None]
-    )
+    origins, scores, _ = search(quaternions, indices, centring.step_px, origins[None], progress=progress)
     table = prediction_table(quaternions, eigenvalues)
     for column, values in origin_columns(particles, origins).items():
         table[column] = values
@@ -97,8 +99,26 @@ class Centring:
     """Where the origins of particles never aligned are looked for: trial origins every ``step_px`` within
     ``reach_px`` of the box centre (px of the particles' box)."""
 
-    reach_px: float = 6.0
-    step_px: float = 1.5
+    reach_px: float
+    step_px: float
+
+    @classmethod
+    def for_particles(
+        cls,
+        particles: ParticleSet,
+        preprocessor: Preprocessor,
+        spread_angstrom: float | None = None,
+        reach_px: float | None = None,
+    ) -> Centring:
+        """Trials within ``reach_px`` (default: 3 x the training set's origin spread ``spread_angstrom``, without
+        it a tenth of the box), 1.5 x CENTRING_ERROR_PX of the network's pixels apart: every particle is then
+        within the off-centring the network was trained for of one trial."""
+        if reach_px is None and spread_angstrom is not None:
+            reach_px = 3.0 * spread_angstrom / particles.pixel_size
+        elif reach_px is None:
+            reach_px = particles.box_size / 10
+        step = 1.5 * CENTRING_ERROR_PX * particles.box_size / preprocessor.image_size
+        return cls(reach_px=float(reach_px), step_px=float(step))
 
     def trials(self) -> np.ndarray:
         from cryo_forum.prediction.shifts import trial_origins

@@ -9,7 +9,7 @@ the peak and its neighbours. RELION's origin is the opposite: the particle appea
 origin, so ``origin = -s``.
 
 A network trained on centred particles gives its poses for a particle re-centred by each of a grid of trial
-origins (:func:`trial_origins`); :func:`search_origins` scores every trial by the correlation peak within reach
+origins (:func:`trial_origins`); :class:`OriginSearch` scores every trial by the correlation peak within reach
 of its centre at its pose, and keeps the best. A wrong centre gives a wrong pose and a poor fit, so the search
 needs no pose to start from.
 """
@@ -60,67 +60,85 @@ def _peaks(correlation: np.ndarray, allowed: np.ndarray, offsets: np.ndarray) ->
     return np.stack([shift_x, shift_y], axis=-1), centre
 
 
-def search_origins(
-    particles: ParticleSet,
-    quaternions: np.ndarray,
-    reference: np.ndarray,
-    indices: np.ndarray | None = None,
-    max_shift_px: float | None = None,
-    batch_size: int = 128,
-    progress: bool = True,
-    centres: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Origins [n, 2] (x, y, px of the stack), peak scores [n] and chosen trials [n] of particles ``indices``
-    (default all) against ``reference`` [D, D, D] sampled like the particles.
+class OriginSearch:
+    """The translational search of one set's particles against one reference [D, D, D] sampled like them.
 
-    ``quaternions`` are the poses, [n, 4], or [T, n, 4] for T trials per particle whose origins ``centres``
-    [T, n, 2] (default zero) are where each trial's search is centred; a trial's origin is searched within
-    ``max_shift_px`` (default a quarter of the box) of its centre, and the best-scoring trial is kept. The score
-    is the whitened correlation at the peak divided by its norm: comparable between particles of one set, larger
-    is a better fit.
+    The whitening weights (from the set's mean power spectrum, which reads up to 2000 particles), the map's
+    projector and the CTFs are prepared once, so the searches of one prediction share them.
     """
-    indices = np.arange(len(particles)) if indices is None else np.asarray(indices)
-    quaternions = np.asarray(quaternions, dtype=np.float64)
-    if quaternions.ndim == 2:
-        quaternions = quaternions[None]
-    trials = len(quaternions)
-    centres = np.zeros((trials, len(indices), 2)) if centres is None else np.asarray(centres, dtype=np.float64)
-    size = particles.box_size
-    reach = size / 4.0 if max_shift_px is None else float(max_shift_px)
-    grid = FourierGrid(size)
-    weights = np.where(grid.inside, 1.0, 0.0) / shell_noise_power(particles)[np.minimum(grid.shells, size // 2)]
-    weights[0, 0] = 0.0  # the background level says nothing of the shift
-    projector = FourierProjector(reference)
-    ctfs = ParticleCTFs(particles)
-    offsets = np.fft.fftfreq(size) * size  # shift of each correlation pixel, FFT order
-    origins = np.zeros((len(indices), 2))
-    scores = np.full(len(indices), -np.inf)
-    chosen = np.zeros(len(indices), dtype=np.int64)
-    with progress_bar(len(indices), description="origins", enabled=progress) as bar:
-        for start in range(0, len(indices), batch_size):
-            rows = slice(start, start + batch_size)
-            batch = indices[rows]
-            images = particles.images(batch).astype(np.float64)
-            spectra = weights * np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))
-            ctf = ctfs(batch)
-            for trial in range(trials):
-                projections = projector.project(quaternions[trial, rows]).numpy()
-                models = np.fft.rfft2(np.fft.ifftshift(projections, axes=(-2, -1))) * ctf
-                correlation = np.fft.irfft2(spectra * np.conj(models), s=(size, size))  # content moved by (x, y)
-                norm = np.sqrt(np.sum(weights * grid.hermitian_weights * np.abs(models) ** 2, axis=(1, 2)))
-                centre = -centres[trial, rows]  # content shift of the trial's centre
-                distance = np.hypot(
-                    _wrapped(offsets[None, None, :] - centre[:, 0, None, None], size),
-                    _wrapped(offsets[None, :, None] - centre[:, 1, None, None], size),
-                )
-                shifts, peak = _peaks(correlation, distance <= reach, offsets)
-                score = peak / np.maximum(norm, 1e-30)
-                better = score > scores[rows]
-                origins[rows][better] = -shifts[better]
-                scores[rows] = np.where(better, score, scores[rows])
-                chosen[rows] = np.where(better, trial, chosen[rows])
-            bar.update(len(batch))
-    return origins, scores, chosen
+
+    def __init__(self, particles: ParticleSet, reference: np.ndarray) -> None:
+        self.particles = particles
+        size = particles.box_size
+        self.grid = FourierGrid(size)
+        noise = shell_noise_power(particles)[np.minimum(self.grid.shells, size // 2)]
+        self.weights = np.where(self.grid.inside, 1.0, 0.0) / noise
+        self.weights[0, 0] = 0.0  # the background level says nothing of the shift
+        self.projector = FourierProjector(reference)
+        self.ctfs = ParticleCTFs(particles)
+        self.offsets = np.fft.fftfreq(size) * size  # shift of each correlation pixel, FFT order
+
+    def __call__(
+        self,
+        quaternions: np.ndarray,
+        indices: np.ndarray | None = None,
+        max_shift_px: float | None = None,
+        centres: np.ndarray | None = None,
+        batch_size: int = 128,
+        progress: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Origins [n, 2] (x, y, px of the stack), peak scores [n] and chosen trials [n] of particles ``indices``
+        (default all).
+
+        ``quaternions`` are the poses, [n, 4], or [T, n, 4] for T trials per particle whose origins ``centres``
+        [T, n, 2] (default zero) are where each trial's search is centred; a trial's origin is searched within
+        ``max_shift_px`` (default a quarter of the box) of its centre, and the best-scoring trial is kept. The
+        score is the whitened correlation at the peak divided by its norm: comparable between particles of one
+        set, larger is a better fit.
+        """
+        indices = np.arange(len(self.particles)) if indices is None else np.asarray(indices)
+        quaternions = np.asarray(quaternions, dtype=np.float64)
+        if quaternions.ndim == 2:
+            quaternions = quaternions[None]
+        trials = len(quaternions)
+        centres = np.zeros((trials, len(indices), 2)) if centres is None else np.asarray(centres, dtype=np.float64)
+        size = self.particles.box_size
+        reach = size / 4.0 if max_shift_px is None else float(max_shift_px)
+        origins = np.zeros((len(indices), 2))
+        scores = np.full(len(indices), -np.inf)
+        chosen = np.zeros(len(indices), dtype=np.int64)
+        with progress_bar(len(indices), description="origins", enabled=progress) as bar:
+            for start in range(0, len(indices), batch_size):
+                rows = slice(start, start + batch_size)
+                batch = indices[rows]
+                images = self.particles.images(batch).astype(np.float64)
+                spectra = self.weights * np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))
+                ctf = self.ctfs(batch)
+                for trial in range(trials):
+                    shifts, score = self._best_shift(
+                        spectra, ctf, quaternions[trial, rows], centres[trial, rows], reach
+                    )
+                    better = score > scores[rows]
+                    origins[rows][better] = -shifts[better]
+                    scores[rows] = np.where(better, score, scores[rows])
+                    chosen[rows] = np.where(better, trial, chosen[rows])
+                bar.update(len(batch))
+        return origins, scores, chosen
+
+    def _best_shift(self, spectra, ctf, quaternions, centres, reach) -> tuple[np.ndarray, np.ndarray]:
+        """Content shifts [b, 2] and normalised peak scores [b] within ``reach`` of origins ``centres`` [b, 2]."""
+        size = self.particles.box_size
+        projections = self.projector.project(quaternions).numpy()
+        models = np.fft.rfft2(np.fft.ifftshift(projections, axes=(-2, -1))) * ctf
+        correlation = np.fft.irfft2(spectra * np.conj(models), s=(size, size))  # content moved by (x, y)
+        norm = np.sqrt(np.sum(self.weights * self.grid.hermitian_weights * np.abs(models) ** 2, axis=(1, 2)))
+        centre = -centres  # content shift of the trial's centre
+        distance = np.hypot(
+            _wrapped(self.offsets[None, None, :] - centre[:, 0, None, None], size),
+            _wrapped(self.offsets[None, :, None] - centre[:, 1, None, None], size),
+        )
+        shifts, peak = _peaks(correlation, distance <= reach, self.offsets)
+        return shifts, peak / np.maximum(norm, 1e-30)
 
 
 def _wrapped(offsets: np.ndarray, size: int) -> np.ndarray:
