@@ -95,6 +95,14 @@ def test_predict_refuses_to_write_over_its_input(trained_run, particles, capsys)
     assert particles.read_bytes() == before
 
 
+def test_predict_refuses_a_negative_max_shift_before_writing(trained_run, particles, tmp_path, capsys):
+    out = tmp_path / "predicted.star"
+    argv = ["predict", "--model", str(trained_run), "--star", str(particles), "--out", str(out), "--max-shift", "-1"]
+    assert main(argv) == 1
+    assert "--max-shift: must be >= 0 px, got -1.0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_export_reloads_without_cryo_forum_and_matches_keras(trained_run, tmp_path):
     from cryo_forum.tensorflow_quiet import keras
 
