@@ -11,8 +11,9 @@ refinement gives (1.5 deg RMS off, junk unflagged), rest.star the other 1600, pi
   python bench/realistic.py --extra --epochs 50  # further `cryo-forum train` options (last on the line)
 
 It runs, exactly as a user would, `cryo-forum train --star job/consensus.star --out run` with the default settings
-(plus --extra) and `cryo-forum predict --model run --star job/rest.star --out predicted.star`, each timed, and
-measures the rest against job/truth.star: pose errors of its true particles (median, mean, % within 5 and 10 deg),
+(plus --extra), `cryo-forum predict --model run --star job/rest.star --out predicted_refined.star` (refined against
+the run's reference, the default) and the same with --no-refine (the network alone), each timed, and measures the
+rest against job/truth.star: pose errors of its true particles (median, mean, % within 5 and 10 deg),
 the error of predicted origins (when predict writes them) and the junk AUROC per kind of every score predict
 writes (_cfExpectedErrorDeg and any junk score). Writes result.json and realistic.png into the results folder
 and prints a table for the README. The job is reused when its job.json records the same settings and maps (path
@@ -160,8 +161,9 @@ def measure(predicted_star: Path, truth_star: Path) -> tuple[dict, dict]:
     return figures, {"errors": errors[inlier], "kinds": kinds, "scores": scores}
 
 
-def plot(arrays: dict, path: Path, title: str) -> None:
-    """Error CDF of the rest's true particles and, per score, its distribution for particles and each junk kind."""
+def plot(arrays: dict, network_errors: np.ndarray, path: Path, title: str) -> None:
+    """Error CDFs of the rest's true particles (refined and network alone) and, per score of the refined
+    predictions, its distribution for particles and each junk kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,8 +174,10 @@ def plot(arrays: dict, path: Path, title: str) -> None:
     scores = arrays["scores"]
     figure, axes = plt.subplots(1, 1 + len(scores), figsize=(5 * (1 + len(scores)), 4))
     axes = np.atleast_1d(axes)
-    errors = np.sort(arrays["errors"])
-    axes[0].plot(errors, np.arange(1, len(errors) + 1) / len(errors))
+    for label, values in (("network + refine", arrays["errors"]), ("network alone", network_errors)):
+        errors = np.sort(values)
+        axes[0].plot(errors, np.arange(1, len(errors) + 1) / len(errors), label=label)
+    axes[0].legend(fontsize=8)
     for limit in (5, 10):
         axes[0].axvline(limit, color="grey", linestyle=":")
     axes[0].set(xscale="log", xlim=(0.3, 180), ylim=(0, 1), xlabel="pose error (deg)", ylabel="fraction of particles")
@@ -190,24 +194,26 @@ def plot(arrays: dict, path: Path, title: str) -> None:
 
 
 def table(result: dict) -> str:
-    """The README's lines for this result (a header and a row per score column)."""
+    """The README's lines for this result: a header and, for the network alone and refined, a row per score."""
     names = ("all junk", *JUNK_KINDS)
-    header = ["training / prediction", "median", "mean", "within 5 / 10 deg", "shift error", "score"]
+    header = ["prediction", "training / prediction", "median", "mean", "within 5 / 10 deg", "shift error", "score"]
     header += [f"AUROC {name}" for name in names]
-    shift = result["shift_error_px"]
-    shift = f"{shift:.2f} px" if isinstance(shift, float) else shift
     rows = []
-    for column, aurocs in result["auroc"].items():
-        cells = [
-            f"{result['train_seconds']:.0f} s / {result['predict_seconds']:.0f} s",
-            f"**{result['median_deg']:.1f} deg**",
-            f"{result['mean_deg']:.1f} deg",
-            f"{result['within_5_deg_percent']:.0f} / {result['within_10_deg_percent']:.0f} %",
-            shift,
-            f"`{column}`",
-        ]
-        cells += ["-" if aurocs[name] is None else f"{aurocs[name]:.3f}" for name in names]
-        rows.append(cells)
+    for label, figures in (("network alone", result["network_alone"]), ("network + refine", result)):
+        shift = figures["shift_error_px"]
+        shift = f"{shift:.2f} px" if isinstance(shift, float) else shift
+        for column, aurocs in figures["auroc"].items():
+            cells = [
+                label,
+                f"{result['train_seconds']:.0f} s / {figures['predict_seconds']:.0f} s",
+                f"**{figures['median_deg']:.1f} deg**",
+                f"{figures['mean_deg']:.1f} deg",
+                f"{figures['within_5_deg_percent']:.0f} / {figures['within_10_deg_percent']:.0f} %",
+                shift,
+                f"`{column}`",
+            ]
+            cells += ["-" if aurocs[name] is None else f"{aurocs[name]:.3f}" for name in names]
+            rows.append(cells)
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
@@ -222,16 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     run = fresh_run_folder(out / "run")
     extra = (QUICK_TRAINING if args.quick and "--epochs" not in args.extra else []) + args.extra
     train_seconds = run_command(["train", "--star", str(folder / "consensus.star"), "--out", str(run), *extra])
-    predicted = out / "predicted.star"
-    predicted.unlink(missing_ok=True)
-    predict_command = ["predict", "--model", str(run), "--star", str(folder / "rest.star"), "--out", str(predicted)]
-    predict_seconds = run_command(predict_command)
-    figures, arrays = measure(predicted, folder / "truth.star")
+    timings, measured = {}, {}
+    for name, options in (("network", ["--no-refine"]), ("refined", [])):
+        predicted = out / f"predicted_{name}.star"
+        predicted.unlink(missing_ok=True)
+        command = ["predict", "--model", str(run), "--star", str(folder / "rest.star"), "--out", str(predicted)]
+        timings[name] = run_command(command + options)
+        measured[name] = measure(predicted, folder / "truth.star")
+    figures, arrays = measured["refined"]
     job_record = json.loads((folder / RECORD_NAME).read_text())
     result = {
         **figures,
         "train_seconds": round(train_seconds, 1),
-        "predict_seconds": round(predict_seconds, 1),
+        "predict_seconds": round(timings["refined"], 1),
+        "network_alone": {**measured["network"][0], "predict_seconds": round(timings["network"], 1)},
         "job_build_seconds": round(build_seconds, 1) if build_seconds else "reused",
         "train_options": extra,
         "job": dataclasses.asdict(settings),
@@ -241,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     title = f"{args.volume.stem}: {settings.n_consensus} consensus -> {settings.n - settings.n_consensus} rest"
-    plot(arrays, out / "realistic.png", f"{title}, {settings.box} px, SNR {settings.snr:g}")
+    plot(
+        arrays,
+        measured["network"][1]["errors"],
+        out / "realistic.png",
+        f"{title}, {settings.box} px, SNR {settings.snr:g}",
+    )
     print(json.dumps(result, indent=2))
     print()
     print(table(result))

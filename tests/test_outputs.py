@@ -234,3 +234,29 @@ def test_unwritable_outputs_fail_before_the_work(particles, run, capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert "cannot write in /sys" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_refines_against_a_given_map_and_refuses_a_missing_one(particles, run, tmp_path, capsys):
+    from cryo_forum import geometry
+    from cryo_forum.io import star
+    from cryo_forum.io.particles import ParticleSet
+
+    argv = ["predict", "--model", str(run), "--star", str(particles)]
+    network, refined = tmp_path / "network.star", tmp_path / "refined.star"
+    assert main([*argv, "--out", str(network)]) == 0  # a run trained without pre-training has no map of its own
+    assert main([*argv, "--out", str(refined), "--refine", str(particles.parent / "volume.mrc")]) == 0
+    truth = ParticleSet.open(particles).quaternions()
+
+    def median_error(path):
+        found = ParticleSet.open(path)
+        return np.median(np.degrees(geometry.geodesic_distance(found.quaternions(), truth))), found.table
+
+    network_error, network_table = median_error(network)
+    refined_error, refined_table = median_error(refined)
+    assert star.MATCH_SCORE not in network_table and star.MATCH_SCORE in refined_table
+    assert refined_error < 2.0 < network_error  # one epoch of training: the search does the work
+    np.testing.assert_allclose(refined_table[star.EXPECTED_ERROR], network_table[star.EXPECTED_ERROR], rtol=1e-5)
+    capsys.readouterr()
+    missing = tmp_path / "missing.star"
+    assert main([*argv, "--out", str(missing), "--refine", str(tmp_path / "none.mrc")]) == 1
+    assert "--refine:" in capsys.readouterr().err and not missing.exists()

@@ -86,10 +86,14 @@ def test_train_star_pretrains_on_its_own_map_then_fine_tunes(consensus, tmp_path
     predicted = ParticleSet.open(out)
     assert star_io.SHIFT_SCORE in predicted.table and np.isfinite(predicted.table[star_io.SHIFT_SCORE]).all()
     assert predicted.has_origins and np.all(np.isfinite(predicted.shifts_px()))
+    refined = [star_io.MATCH_SCORE, star_io.REFINED_ERROR]  # refined against the run's reference by default
+    assert all(np.isfinite(predicted.table[column]).all() for column in refined)
     centred = tmp_path / "centred.star"  # one trial, at the centre: two searches of 1.5 px (and parabolas) around it
     argv = ["predict", "--model", str(run), "--star", str(consensus / "picked.star"), "--out", str(centred)]
-    assert main([*argv, "--max-shift", "0"]) == 0
-    assert np.all(np.hypot(*ParticleSet.open(centred).shifts_px().T) <= 2 * (1.5 + np.sqrt(0.5)) + 1e-6)
+    assert main([*argv, "--max-shift", "0", "--no-refine"]) == 0
+    network = ParticleSet.open(centred)
+    assert np.all(np.hypot(*network.shifts_px().T) <= 2 * (1.5 + np.sqrt(0.5)) + 1e-6)
+    assert not any(column in network.table for column in refined)
 
 
 def test_the_snr_curriculum_starts_clear_and_ends_at_the_sets_snr():

@@ -32,6 +32,7 @@ COMMANDS = [
     "reconstruct",
     "fsc",
     "match",
+    "refine",
 ]
 BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports a reader that went away
 

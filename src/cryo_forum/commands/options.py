@@ -20,6 +20,8 @@ OPTION_OF_SETTING = {
     "size": "--box-size",
     "input_size": "--box-size",
     "wiener_constant": "--wiener",
+    "step_deg": "--refine-step",
+    "shift_px": "--refine-shift",
 }
 
 

@@ -9,10 +9,14 @@ when it pre-trained on its consensus set, or --reference): the network predicts 
 trial origin of a grid within --max-shift, the trial whose pose the map's projection fits best is kept, and the
 particle re-centred there is predicted again and its origin refined (rlnOriginX/YAngst and _cfShiftScore are
 written).
+The network's poses and origins are then finished by a local search against the run's reference.mrc when it has
+one (--refine MAP: another map; --no-refine: the network's own), as `cryo-forum refine` does: the refined angles
+and origins, _cfMatchScore and _cfRefinedErrorDeg are written; the network's uncertainty columns are kept.
 A warning is logged when the predicted viewing directions collapse onto a few views.
 
-Example:
+Examples:
   cryo-forum predict --model run1 --star particles.star --out predicted.star --subset test
+  cryo-forum predict --model run1 --star rest.star --out refined.star --refine map.mrc
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryo_forum.commands.refine import add_refine_options, settings_from
 from cryo_forum.errors import CryoForumError
 
 SUBSETS = ("all", "train", "val", "test")
@@ -45,6 +50,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="how far from the box centre (px) the origins of particles without them are looked for (default: "
         "3 x the spread of the training particles' origins; a tenth of the box for runs trained on a map)",
     )
+    refine = parser.add_mutually_exclusive_group()
+    refine.add_argument(
+        "--refine",
+        type=Path,
+        metavar="MAP",
+        help="finish the poses and origins with a local search against MAP (default: the run's reference.mrc, "
+        "made when it pre-trained on its consensus set)",
+    )
+    refine.add_argument("--no-refine", action="store_true", help="keep the network's poses and origins")
+    add_refine_options(parser, symmetry=False)
     parser.add_argument("--batch-size", type=int, default=256, help="particles per batch (default: 256)")
 
 
@@ -80,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io import star
     from cryo_forum.io.guard import OutputGuard
+    from cryo_forum.io.maps import load_volume
     from cryo_forum.io.particles import ParticleSet
 
     if args.batch_size < 1:
@@ -88,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
         raise CryoForumError(f"--max-shift: must be >= 0 px, got {args.max_shift}")
     particles = ParticleSet.open(args.star, datadir=args.datadir)
     guard = OutputGuard().protect_particles(particles).protect(args.model, "a file of the run")
-    guard.protect(args.reference).check_file(args.out)
+    guard.protect(args.reference).protect(args.refine).check_file(args.out)
     particles.validate()
 
     from cryo_forum.prediction.predict import Centring, predict_particles, preprocessor_for
@@ -96,13 +112,13 @@ def main(args: argparse.Namespace) -> int:
 
     model, config, trained_preprocessor = load_run(args.model)
     run = Run(args.model)
+    refine_path = _refine_map(args, run)
+    refine_settings = settings_from(args, config.symmetry) if refine_path else None
     indices = subset_indices(run, args.subset, particles)
     preprocessor = preprocessor_for(particles, trained_preprocessor)
     reference = None
     reference_path = args.reference or (run.file(REFERENCE_NAME) if run.file(REFERENCE_NAME).exists() else None)
     if reference_path is not None and not particles.has_origins:
-        from cryo_forum.io.maps import load_volume
-
         reference, _ = load_volume(reference_path, particles.pixel_size, particles.box_size, center=False)
     table = predict_particles(
         model,
@@ -114,8 +130,50 @@ def main(args: argparse.Namespace) -> int:
         centring=Centring.for_particles(particles, preprocessor, run.load_origin_spread(), args.max_shift),
     )
     _add_junk_scores(table, run)
+    if refine_path:
+        table = _refined(table, particles, indices, refine_path, refine_settings)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
     particles.write_star(args.out, columns=table, keep=indices)
     print(f"predicted {len(table)} particles -> {args.out}")
     return 0
+
+
+def _refine_map(args: argparse.Namespace, run) -> Path | None:
+    """The map to refine against: --refine's (checked to exist), else the run's reference when it has one."""
+    from cryo_forum.training.run import REFERENCE_NAME
+
+    if args.no_refine:
+        return None
+    if args.refine is None:
+        return run.file(REFERENCE_NAME) if run.file(REFERENCE_NAME).exists() else None
+    if not args.refine.is_file():
+        raise CryoForumError(f"--refine: {args.refine}: file not found")
+    return args.refine
+
+
+def _refined(table, particles, indices, path: Path, settings):
+    """The predictions with poses and origins refined against the map at ``path`` (other columns kept)."""
+    import numpy as np
+
+    from cryo_forum.geometry import euler_to_quaternion
+    from cryo_forum.io import star
+    from cryo_forum.io.maps import load_volume
+    from cryo_forum.prediction.refinement import refine_particles
+
+    chosen = particles if indices is None else particles.subset(indices)
+    volume, _ = load_volume(path, chosen.pixel_size, chosen.box_size, center=False)
+    if star.ORIGIN_X_ANGST in table:
+        origins = table[[star.ORIGIN_X_ANGST, star.ORIGIN_Y_ANGST]].to_numpy(np.float64) / chosen.pixel_size
+    elif star.ORIGIN_X in table:
+        origins = table[[star.ORIGIN_X, star.ORIGIN_Y]].to_numpy(np.float64)
+    else:
+        origins = None
+    errors = np.full(len(table), np.nan)  # heads without an uncertainty: searched globally
+    if star.EXPECTED_ERROR in table:
+        errors = table[star.EXPECTED_ERROR].to_numpy(np.float64)
+    quaternions = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(np.float64))
+    refined = refine_particles(chosen, volume, quaternions, errors, origins, settings)
+    for column in refined:
+        table[column] = refined[column].to_numpy()
+    return table

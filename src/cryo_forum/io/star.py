@@ -60,6 +60,7 @@ CLASS_NUMBER = "rlnClassNumber"
 OUTLIER = "cfIsOutlier"  # 0/1
 OUTLIER_KIND = "cfOutlierKind"
 EXPECTED_ERROR = "cfExpectedErrorDeg"  # the expected angular error under the belief, in degrees
+REFINED_ERROR = "cfRefinedErrorDeg"  # the expected error of a refined pose, from the sharpness of its fit
 JUNK_SCORE = "cfJunkScore"  # the directional z-score of the expected error (larger = more likely junk)
 DISPERSION_TRACE = "cfDispersionTrace"
 EIGEN_GAP = "cfEigenGap"

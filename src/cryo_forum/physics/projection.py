@@ -65,6 +65,13 @@ class FourierProjector:
         """
         return self.table.read(matrices, frequencies)
 
+    def spectra(self, quaternions) -> tf.Tensor:
+        """Whole spectra complex64 [N, D, D // 2 + 1] of the projections at poses [N, 4]: ``rfft2(ifftshift(
+        projection))`` without forming the images, zero from Nyquist on."""
+        quaternions = tf.convert_to_tensor(quaternions, dtype=tf.float32)
+        matrices = geometry.quaternion_to_matrix_tf(quaternions / tf.norm(quaternions, axis=-1, keepdims=True))
+        return self.table.half_planes(matrices)
+
     def project(self, rotations) -> tf.Tensor:
         """Project at poses given as quaternions [N, 4] ([x, y, z, w] of A) or matrices A [N, 3, 3] -> [N, D, D]."""
         rotations = tf.convert_to_tensor(rotations, dtype=tf.float32)

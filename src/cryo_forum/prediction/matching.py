@@ -18,6 +18,7 @@ so thousands of references are scored per particle at once.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -188,6 +189,7 @@ class _Band:
         self.flat, self.frequencies, hermitian = grid.band(radius)
         self.weights = hermitian / noise_power[grid.shells.ravel()[self.flat]]
         self.size = size
+        self.radius = float(radius)
 
     def phase_ramps(self, origins: np.ndarray) -> np.ndarray:
         """exp(-2 pi i k.o / D) for origins [..., 2] (x, y) in px -> [..., K]: undoes a particle's offset."""
@@ -314,11 +316,24 @@ class ProjectionMatcher:
         self.settings = settings
         self.projector = FourierProjector(volume, settings.oversampling)
         noise = np.ones(self.size // 2 + 1) if noise_power is None else np.asarray(noise_power, dtype=np.float64)
+        self.noise_power = noise
         self.coarse = _Band(self.size, settings.coarse_band / np.radians(settings.coarse_deg), noise)
         self.fine = _Band(self.size, self.size / 2.0, noise)
         self.grid = global_grid(settings.coarse_deg, settings.symmetry)
         self._coarse_shifts = _shift_grid(settings.max_shift_px, settings.shift_step_px)
-        self._references = self._coarse_references()
+        self._bands = {self.coarse.radius: self.coarse, self.fine.radius: self.fine}
+
+    @functools.cached_property
+    def _references(self) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """The global grid's slices on the coarse band, made at the first global search."""
+        return self._coarse_references()
+
+    def band(self, radius: float) -> _Band:
+        """The frequencies below ``radius`` cycles per box (at most Nyquist) and their weights, made once."""
+        radius = min(float(radius), self.size / 2.0)
+        if radius not in self._bands:
+            self._bands[radius] = _Band(self.size, radius, self.noise_power)
+        return self._bands[radius]
 
     def _slices(self, quaternions: np.ndarray, band: _Band, chunk: int | None = None) -> np.ndarray:
         """Central slices of the map [N, K] (complex64) at poses [N, 4] on ``band``, ``chunk`` poses per call
@@ -360,13 +375,20 @@ class ProjectionMatcher:
         """
         spectra = particle_spectra(images)
         ctf = np.asarray(ctf, dtype=np.float64).reshape(len(images), -1)
-        quaternions, origins, score = self._coarse_search(spectra, ctf, origins)
+        quaternions, origins, score = self.coarse_search(spectra, ctf, origins)
+        searched = self.settings.max_shift_px > 0
         for stage, step in enumerate(self.settings.local_steps()):
-            quaternions, origins, score = self._local_search(spectra, ctf, quaternions, origins, stage, step)
+            shift_step = self.settings.shift_step_px / 2 ** (stage + 1) if searched else 0.0
+            offsets = geometry.local_rotation_offsets(step, LOCAL_HALF_WIDTH)
+            quaternions, origins, score, _ = self.local_search(spectra, ctf, quaternions, origins, offsets, shift_step)
         return quaternions, origins, score
 
-    def _coarse_search(self, spectra: np.ndarray, ctf: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Best global-grid rotation and origin of each particle, scored one block of references at a time."""
+    def coarse_search(self, spectra: np.ndarray, ctf: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Best global-grid rotation and origin of each particle, scored one block of references at a time.
+
+        spectra [B, D * (D // 2 + 1)] from :func:`particle_spectra`, CTFs [B, D * (D // 2 + 1)] and origins [B, 2] px;
+        returns quaternions [B, 4], origins [B, 2] and scores [B].
+        """
         rows = np.arange(len(spectra))
         trials = origins[:, None, :] + self._coarse_shifts[None]  # [B, T, 2]
         weighted = self._weighted(self.coarse, spectra, ctf, trials)
@@ -385,28 +407,38 @@ class ProjectionMatcher:
             first += len(scores)
         return self.grid[reference], trials[rows, shift], best
 
-    def _local_search(self, spectra, ctf, quaternions, origins, stage: int, step: float) -> tuple[np.ndarray, ...]:
-        """One local stage: the best of the 125 rotations around each pose and of the 3 x 3 origins around its origin.
+    def local_search(
+        self,
+        spectra,
+        ctf,
+        quaternions,
+        origins,
+        offsets: np.ndarray,
+        shift_step: float = 0.0,
+        band: _Band | None = None,
+    ) -> tuple[np.ndarray, ...]:
+        """One local stage: the best of the rotations ``offsets`` [C, 4] (small rotations, applied on the left)
+        around each pose and, with a ``shift_step`` (px), of the origins one step or none away from its origin, on
+        ``band`` (default: all frequencies below Nyquist). Arrays as for :meth:`coarse_search`; also returns every
+        candidate's score [B, C] at the best origin.
 
-        The candidates' slices (B x 125 x K values) are formed and scored a bounded block at a time: a few
+        The candidates' slices (B x C x K values) are formed and scored a bounded block at a time: a few
         particles with all their candidates for small boxes, some candidates of one particle for large ones.
         """
-        settings = self.settings
-        offsets = geometry.local_rotation_offsets(step, LOCAL_HALF_WIDTH)
+        band = band or self.fine
         candidates = geometry.quaternion_multiply(offsets[None], quaternions[:, None])  # [B, C, 4]
-        shift_step = settings.shift_step_px / 2 ** (stage + 1)
-        trials = origins[:, None, :] + _shift_grid(shift_step if settings.max_shift_px > 0 else 0.0, shift_step)
-        frequencies = len(self.fine.flat)
+        trials = origins[:, None, :] + _shift_grid(shift_step, shift_step if shift_step > 0 else 1.0)
+        frequencies = len(band.flat)
         per_call = resources.chunk_of(len(offsets), frequencies)  # candidates of one particle per block
         full = per_call == len(offsets)  # a block of several particles, sized by the batch size: one XLA shape
-        particles = resources.chunk_of(settings.batch_size, len(offsets) * frequencies) if full else 1
+        particles = resources.chunk_of(self.settings.batch_size, len(offsets) * frequencies) if full else 1
         scores = np.empty((len(spectra), len(offsets), trials.shape[1]), dtype=np.float32)
         for group in _blocks(len(spectra), particles):
-            weighted = self._weighted(self.fine, spectra[group], ctf[group], trials[group])
-            ctf_power = (self.fine.weights * ctf[group][:, self.fine.flat] ** 2).astype(np.float32)
+            weighted = self._weighted(band, spectra[group], ctf[group], trials[group])
+            ctf_power = (band.weights * ctf[group][:, band.flat] ** 2).astype(np.float32)
             for block in _blocks(len(offsets), per_call):
                 poses = candidates[group, block]
-                slices = self._slices(poses.reshape(-1, 4), self.fine, chunk=particles * per_call)
+                slices = self._slices(poses.reshape(-1, 4), band, chunk=particles * per_call)
                 scores[group, block] = _local_scores(
                     _real_imag(slices.reshape(*poses.shape[:2], -1)), weighted, ctf_power
                 ).numpy()
@@ -416,6 +448,7 @@ class ProjectionMatcher:
             geometry.canonical_quaternion(candidates[rows, candidate]),
             trials[rows, shift],
             scores[rows, candidate, shift],
+            scores[rows, :, shift],
         )
 
 

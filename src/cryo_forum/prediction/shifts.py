@@ -36,7 +36,7 @@ def trial_origins(reach_px: float, step_px: float) -> np.ndarray:
     return grid[np.argsort(np.hypot(*grid.T), kind="stable")]
 
 
-def _parabola_offset(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
+def parabola_offset(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Sub-pixel offset in [-0.5, 0.5] of the vertex of the parabola through three samples [N]."""
     curvature = left - 2.0 * centre + right
     offset = np.divide(0.5 * (left - right), curvature, out=np.zeros_like(centre), where=curvature < 0)
@@ -55,23 +55,25 @@ def _peaks(correlation: np.ndarray, allowed: np.ndarray, offsets: np.ndarray) ->
         (dy, dx): correlation[take, (row + dy) % size, (column + dx) % size]
         for dy, dx in ((0, -1), (0, 1), (-1, 0), (1, 0))
     }
-    shift_x = offsets[column] + _parabola_offset(around[0, -1], centre, around[0, 1])
-    shift_y = offsets[row] + _parabola_offset(around[-1, 0], centre, around[1, 0])
+    shift_x = offsets[column] + parabola_offset(around[0, -1], centre, around[0, 1])
+    shift_y = offsets[row] + parabola_offset(around[-1, 0], centre, around[1, 0])
     return np.stack([shift_x, shift_y], axis=-1), centre
 
 
 class OriginSearch:
     """The translational search of one set's particles against one reference [D, D, D] sampled like them.
 
-    The whitening weights (from the set's mean power spectrum, which reads up to 2000 particles), the map's
-    projector and the CTFs are prepared once, so the searches of one prediction share them.
+    The whitening weights (from the set's mean power spectrum per shell, ``noise_power`` [D // 2 + 1], by default
+    read from up to 2000 particles), the map's projector and the CTFs are prepared once, so the searches of one
+    prediction share them.
     """
 
-    def __init__(self, particles: ParticleSet, reference: np.ndarray) -> None:
+    def __init__(self, particles: ParticleSet, reference: np.ndarray, noise_power: np.ndarray | None = None) -> None:
         self.particles = particles
         size = particles.box_size
         self.grid = FourierGrid(size)
-        noise = shell_noise_power(particles)[np.minimum(self.grid.shells, size // 2)]
+        noise_power = shell_noise_power(particles) if noise_power is None else noise_power
+        noise = noise_power[np.minimum(self.grid.shells, size // 2)]
         self.weights = np.where(self.grid.inside, 1.0, 0.0) / noise
         self.weights[0, 0] = 0.0  # the background level says nothing of the shift
         self.projector = FourierProjector(reference)
@@ -111,34 +113,36 @@ class OriginSearch:
             for start in range(0, len(indices), batch_size):
                 rows = slice(start, start + batch_size)
                 batch = indices[rows]
-                images = self.particles.images(batch).astype(np.float64)
-                spectra = self.weights * np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))
+                spectra = self.weighted_spectra(self.particles.images(batch))
                 ctf = self.ctfs(batch)
                 for trial in range(trials):
-                    shifts, score = self._best_shift(
-                        spectra, ctf, quaternions[trial, rows], centres[trial, rows], reach
-                    )
+                    poses, around = quaternions[trial, rows], centres[trial, rows]
+                    found, score = self.best_origins(spectra, ctf, poses, around, reach)
                     better = score > scores[rows]
-                    origins[rows][better] = -shifts[better]
+                    origins[rows][better] = found[better]
                     scores[rows] = np.where(better, score, scores[rows])
                     chosen[rows] = np.where(better, trial, chosen[rows])
                 bar.update(len(batch))
         return origins, scores, chosen
 
-    def _best_shift(self, spectra, ctf, quaternions, centres, reach) -> tuple[np.ndarray, np.ndarray]:
-        """Content shifts [b, 2] and normalised peak scores [b] within ``reach`` of origins ``centres`` [b, 2]."""
+    def weighted_spectra(self, images: np.ndarray) -> np.ndarray:
+        """Whitened rfft2 [b, D, D // 2 + 1] of images [b, D, D], phases relative to the box centre."""
+        return self.weights * np.fft.rfft2(np.fft.ifftshift(np.asarray(images, dtype=np.float64), axes=(-2, -1)))
+
+    def best_origins(self, spectra, ctf, quaternions, centres, reach: float) -> tuple[np.ndarray, np.ndarray]:
+        """Origins [b, 2] (px) within ``reach`` of ``centres`` [b, 2] that best fit the poses [b, 4], and their
+        normalised peak scores [b]; spectra from :meth:`weighted_spectra`, CTFs [b, D, D // 2 + 1]."""
         size = self.particles.box_size
-        projections = self.projector.project(quaternions).numpy()
-        models = np.fft.rfft2(np.fft.ifftshift(projections, axes=(-2, -1))) * ctf
+        models = self.projector.spectra(quaternions).numpy() * ctf
         correlation = np.fft.irfft2(spectra * np.conj(models), s=(size, size))  # content moved by (x, y)
         norm = np.sqrt(np.sum(self.weights * self.grid.hermitian_weights * np.abs(models) ** 2, axis=(1, 2)))
-        centre = -centres  # content shift of the trial's centre
+        centre = -np.asarray(centres)  # content shift of the trial's centre
         distance = np.hypot(
             _wrapped(self.offsets[None, None, :] - centre[:, 0, None, None], size),
             _wrapped(self.offsets[None, :, None] - centre[:, 1, None, None], size),
         )
         shifts, peak = _peaks(correlation, distance <= reach, self.offsets)
-        return shifts, peak / np.maximum(norm, 1e-30)
+        return -shifts, peak / np.maximum(norm, 1e-30)
 
 
 def _wrapped(offsets: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""The settings of local refinement (:mod:`cryo_forum.prediction.refinement`): how far and how finely each
+particle is searched. Light to import (no TensorFlow), so the commands can show the defaults in their help."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cryo_forum.errors import InvalidSetting
+
+SHRINK = 0.5  # each stage's step over the previous one
+REACH = 1.0 / (1.0 - SHRINK)  # how far a pattern search from step s can move in all, per unit of s
+MIN_STEP_DEG = 0.01
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """How far and how finely each particle is searched; angles in degrees, shifts in px of the particle box.
+
+    ``radius_per_error`` scales the network's expected error to the radius searched (at least
+    ``min_radius_deg``); ``step_deg`` bounds the last stage's step; ``shift_px`` how far origins may move from
+    where they start. The global fallback uses the matcher's grid of ``coarse_deg`` and its band ``coarse_band``.
+    """
+
+    radius_per_error: float = 2.0
+    min_radius_deg: float = 3.0
+    global_above_deg: float = 30.0
+    step_deg: float = 0.5
+    shift_px: float = 2.0
+    coarse_deg: float = 7.5
+    coarse_band: float = 2.0
+    oversampling: int = 2
+    batch_size: int = 32
+    symmetry: str = "C1"
+
+    def validate(self) -> None:
+        """Raise :class:`~cryo_forum.errors.InvalidSetting` naming the first setting out of range."""
+        positive = {
+            "radius_per_error": self.radius_per_error,
+            "min_radius_deg": self.min_radius_deg,
+            "step_deg": self.step_deg,
+        }
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidSetting(name, f"must be positive, got {value}")
+        if not self.step_deg >= MIN_STEP_DEG:
+            raise InvalidSetting("step_deg", f"must be at least {MIN_STEP_DEG:g} degrees, got {self.step_deg}")
+        if not (math.isfinite(self.global_above_deg) and self.global_above_deg >= self.min_radius_deg):
+            raise InvalidSetting(
+                "global_above_deg",
+                f"must be at least the smallest radius searched, {self.min_radius_deg:g} degrees, "
+                f"got {self.global_above_deg}",
+            )
+        if not (math.isfinite(self.shift_px) and self.shift_px >= 0):
+            raise InvalidSetting("shift_px", f"must be >= 0 px, got {self.shift_px}")
+        self.matching().validate()
+
+    def matching(self):
+        """The matcher's :class:`~cryo_forum.prediction.matching.MatchSettings`: its global grid for the fallback,
+        its batch size and symmetry."""
+        from cryo_forum.prediction.matching import MatchSettings
+
+        return MatchSettings(
+            coarse_deg=self.coarse_deg,
+            refine_deg=min(self.step_deg, self.coarse_deg),
+            coarse_band=self.coarse_band,
+            oversampling=self.oversampling,
+            batch_size=self.batch_size,
+            symmetry=self.symmetry,
+        )
+
+    def steps(self) -> np.ndarray:
+        """The stages' steps [S] (degrees, halving): the first stage reaches ``global_above_deg`` (a pattern
+        search from step s moves at most 2 s in all), the last step is at most ``step_deg``."""
+        steps = [self.global_above_deg / REACH]
+        while steps[-1] > self.step_deg:
+            steps.append(steps[-1] * SHRINK)
+        return np.array(steps)
+
+    def first_stages(self, expected_error_deg: np.ndarray) -> np.ndarray:
+        """Each particle's first stage [n]: the last that reaches its radius; -1 for a global search (radius
+        beyond ``global_above_deg``, or no expected error)."""
+        steps = self.steps()
+        errors = np.asarray(expected_error_deg, dtype=np.float64)
+        radius = np.maximum(self.radius_per_error * errors, self.min_radius_deg)
+        first = (REACH * steps[None, :] >= radius[:, None]).sum(axis=1) - 1
+        return np.where(np.isfinite(errors) & (radius <= self.global_above_deg), first, -1)
+
+    def after_global(self) -> int:
+        """The stage a globally searched particle continues at: the last that reaches the global grid's
+        covering radius."""
+        from cryo_forum.prediction.matching import COVERING
+
+        return int((REACH * self.steps() >= COVERING * self.coarse_deg).sum() - 1)

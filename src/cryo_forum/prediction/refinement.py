@@ -1,0 +1,165 @@
+"""Local refinement: the network's poses and origins finished by a local search against a map.
+
+Each particle starts from its predicted pose and origin and is searched on local grids of 125 rotations
+(``step * {-2..2}^3``, :meth:`ProjectionMatcher.local_search`) that shrink by 0.435 per stage down to
+``step_deg``, with the matcher's CTF-aware, whitened score; after every stage its origin is searched at the new
+pose within ``shift_px`` of where it started (:meth:`OriginSearch.best_origins`, sub-pixel). How wide the
+first grid is depends on the network's uncertainty: a particle whose expected error is e starts at the stage
+whose grid reaches ``radius_per_error * e`` (at least ``min_radius_deg``), so a sure particle costs two or three
+stages and an unsure one more; one whose radius would exceed ``global_above_deg`` is searched globally first
+(the matcher's coarse grid, symmetry-aware). A stage's band stops at ``coarse_band`` cycles per radian of its
+step, as the global grid's does, so a coarse grid is not misled by detail finer than it can resolve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+
+from cryo_forum import geometry
+from cryo_forum.io import star
+from cryo_forum.io.particles import ParticleSet
+from cryo_forum.physics.particle_ctf import ParticleCTFs
+from cryo_forum.prediction.matching import ProjectionMatcher, particle_spectra, shell_noise_power
+from cryo_forum.prediction.refine_settings import RefineSettings
+from cryo_forum.prediction.shifts import OriginSearch, parabola_offset
+from cryo_forum.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+FLAT_ERROR_DEG = 120.0  # the expected error of a random pose (uncertainty.expected_error_deg of a flat belief)
+
+
+class LocalRefiner:
+    """Refines poses and origins of one set's particles against one map [D, D, D] sampled like them."""
+
+    def __init__(self, particles: ParticleSet, volume: np.ndarray, settings: RefineSettings | None = None):
+        settings = settings or RefineSettings()
+        settings.validate()
+        noise = shell_noise_power(particles)
+        self.settings = settings
+        self.particles = particles
+        self.matcher = ProjectionMatcher(volume, settings.matching(), noise)
+        self.origins = OriginSearch(particles, volume, noise)
+        self.ctfs = ParticleCTFs(particles)
+        self.steps = settings.steps()
+
+    def refine(
+        self, indices: np.ndarray, quaternions: np.ndarray, origins: np.ndarray, first: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        """Poses [b, 4], origins [b, 2] (px), scores [b] and expected errors [b] (degrees) of particles
+        ``indices`` [b] started at ``quaternions``, ``origins`` and stages ``first`` [b] (from
+        :meth:`RefineSettings.first_stages`; -1: global first)."""
+        images = self.particles.images(indices)
+        spectra = particle_spectra(images)
+        weighted = self.origins.weighted_spectra(images)
+        ctf = self.ctfs(indices)
+        flat_ctf = np.asarray(ctf, dtype=np.float64).reshape(len(indices), -1)
+        start = np.asarray(origins, dtype=np.float64)
+        poses, moved, first = np.array(quaternions, dtype=np.float64), start.copy(), np.array(first)
+        wide = first < 0
+        if wide.any():
+            poses[wide], _, _ = self.matcher.coarse_search(spectra[wide], flat_ctf[wide], moved[wide])
+            first[wide] = self.settings.after_global()
+        for stage, step in enumerate(self.steps[:-1]):
+            active = first <= stage
+            if active.any():
+                moved[active] = self._origins(weighted[active], ctf[active], poses[active], start[active])
+                band = self.matcher.band(self.settings.coarse_band / math.radians(step))
+                offsets = _pattern(step)
+                poses[active], *_ = self.matcher.local_search(
+                    spectra[active], flat_ctf[active], poses[active], moved[active], offsets, band=band
+                )
+        moved = self._origins(weighted, ctf, poses, start)
+        step = self.steps[-1]
+        offsets = _pattern(step)
+        best, _, scores, around = self.matcher.local_search(spectra, flat_ctf, poses, moved, offsets)
+        poses, errors = _vertex(poses, best, around, step)
+        return geometry.canonical_quaternion(poses), moved, scores, errors
+
+    def _origins(self, weighted, ctf, poses, start) -> np.ndarray:
+        """The best origins within ``shift_px`` of ``start`` at ``poses`` (``start`` itself when 0)."""
+        if self.settings.shift_px == 0:
+            return start
+        return self.origins.best_origins(weighted, ctf, poses, start, self.settings.shift_px)[0]
+
+
+def _pattern(step: float) -> np.ndarray:
+    """The 27 rotations ``step * {-1, 0, 1}^3`` as quaternions [27, 4], the identity and the six rotations about
+    one axis first (:func:`geometry.axis_rotation_offsets`), then the 20 about two or three axes."""
+    cube = geometry.local_rotation_offsets(step, 1)
+    diagonal = np.count_nonzero(np.abs(cube[:, :3]) > 1e-12, axis=1) > 1
+    return np.concatenate([geometry.axis_rotation_offsets(step), cube[diagonal]])
+
+
+def _vertex(centres, best, around, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """The final poses [b, 4] and their expected errors [b] (degrees) from the last stage's scores ``around`` [b, 7]
+    of the pattern about ``centres`` [b, 4] (:func:`geometry.axis_rotation_offsets`).
+
+    Where the centre scores best, the pose moves to the vertex of the parabola through each axis's three scores;
+    elsewhere it is the best neighbour ``best``. The score s is the whitened correlation in units of the noise, so
+    the log-likelihood of the best-scaled projection is s^2 / 2 and its curvature along axis a at the peak is
+    s * kappa_a, kappa_a the score's own curvature (per radian^2): the Laplace approximation gives a variance
+    1 / (s kappa_a) per axis, plus the step's rounding (h^2 / 12). A fit with no peak (s or kappa not positive)
+    gets 120 degrees, the error of a random pose.
+    """
+    h = math.radians(step)
+    centre = around[:, 0]
+    minus, plus = around[:, 2:7:2], around[:, 1:7:2]  # [b, 3]: -step and +step about x, y, z
+    vertex = np.stack([parabola_offset(minus[:, a], centre, plus[:, a]) for a in range(3)], axis=1)
+    at_centre = np.argmax(around, axis=1) == 0
+    moved = geometry.matrix_to_quaternion(geometry.rotvec_to_matrix(h * vertex))
+    poses = np.where(at_centre[:, None], geometry.quaternion_multiply(moved, centres), best)
+    curvature = (2.0 * centre[:, None] - minus - plus) / h**2
+    precision = np.maximum(centre, 0.0)[:, None] * curvature
+    variance = np.where(precision > 0, 1.0 / np.where(precision > 0, precision, 1.0), np.inf).sum(axis=1)
+    errors = np.degrees(np.sqrt(variance + 3.0 * h**2 / 12.0))
+    return poses, np.minimum(errors, FLAT_ERROR_DEG)
+
+
+def refine_particles(
+    particles: ParticleSet,
+    volume: np.ndarray,
+    quaternions: np.ndarray,
+    expected_error_deg: np.ndarray,
+    origins: np.ndarray | None = None,
+    settings: RefineSettings | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The refined STAR columns of every particle, started from poses ``quaternions`` [N, 4], origins [N, 2]
+    (px; default the set's, zero where none) and the network's ``expected_error_deg`` [N] (NaN: unknown,
+    searched globally).
+
+    The table holds the angles, the origins (the set's layout), _cfMatchScore and _cfRefinedErrorDeg (the refined
+    pose's expected error, see :func:`_vertex`).
+    """
+    from cryo_forum.prediction.predict import origin_columns
+
+    settings = settings or RefineSettings()
+    refiner = LocalRefiner(particles, volume, settings)
+    first = settings.first_stages(expected_error_deg)
+    log.info(
+        f"refining {len(particles)} particles: {np.mean(first < 0) * 100:.0f} % searched globally first, "
+        f"stages from {refiner.steps[0]:.1f} to {refiner.steps[-1]:.2f} deg"
+    )
+    if origins is None:
+        origins = particles.shifts_px() if particles.has_origins else np.zeros((len(particles), 2))
+    poses, moved = np.zeros((len(particles), 4)), np.zeros((len(particles), 2))
+    scores, errors = np.zeros(len(particles)), np.zeros(len(particles))
+    with progress_bar(len(particles), description="refine", enabled=progress) as bar:
+        for begin in range(0, len(particles), settings.batch_size):
+            rows = np.arange(begin, min(begin + settings.batch_size, len(particles)))
+            poses[rows], moved[rows], scores[rows], errors[rows] = refiner.refine(
+                rows, quaternions[rows], origins[rows], first[rows]
+            )
+            bar.update(len(rows))
+    euler = geometry.quaternion_to_euler(poses)
+    table = pd.DataFrame({star.ANGLE_ROT: euler[:, 0], star.ANGLE_TILT: euler[:, 1], star.ANGLE_PSI: euler[:, 2]})
+    for column, values in origin_columns(particles, moved).items():
+        table[column] = values
+    table[star.MATCH_SCORE] = scores
+    table[star.REFINED_ERROR] = errors
+    return table

@@ -1,0 +1,164 @@
+"""Local refinement: the network's poses and origins finished against the map, its search as wide as it is unsure."""
+
+import numpy as np
+import pytest
+
+from cryo_forum import geometry
+from cryo_forum.cli import main as cli
+from cryo_forum.io import star
+from cryo_forum.io.maps import benchmark_map_path, load_volume
+from cryo_forum.io.mrc import read_volume
+from cryo_forum.io.particles import ParticleSet
+from cryo_forum.prediction.refine_settings import RefineSettings
+from cryo_forum.prediction.refinement import refine_particles
+from cryo_forum.streams.simulation import write_simulation
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """40 particles of 48 px at SNR 1, centred, and the map they were made from."""
+    folder = tmp_path_factory.mktemp("refine") / "sim"
+    volume, pixel_size = load_volume(benchmark_map_path(), pixel_size=6.0, size=48)
+    write_simulation(folder, volume, pixel_size, 40, snr=1.0, ctf=True, seed=4)
+    return ParticleSet.open(folder / "particles.star"), read_volume(folder / "volume.mrc")[0]
+
+
+def _rotated_away(quaternions: np.ndarray, degrees: float, seed: int) -> np.ndarray:
+    """The poses rotated by ``degrees`` about random axes."""
+    axes = np.random.default_rng(seed).normal(size=(len(quaternions), 3))
+    axes *= np.radians(degrees) / np.linalg.norm(axes, axis=1, keepdims=True)
+    return geometry.quaternion_multiply(geometry.matrix_to_quaternion(geometry.rotvec_to_matrix(axes)), quaternions)
+
+
+def _errors(table, particles) -> tuple[np.ndarray, np.ndarray]:
+    """Pose errors (degrees) and origin errors (px) of refined columns against the particles' truth."""
+    poses = geometry.euler_to_quaternion(table[list(star.ANGLES)].to_numpy())
+    angles = np.degrees(geometry.geodesic_distance(poses, particles.quaternions()))
+    origins = table[[star.ORIGIN_X_ANGST, star.ORIGIN_Y_ANGST]].to_numpy() / particles.pixel_size
+    return angles, np.hypot(*(origins - particles.shifts_px()).T)
+
+
+def test_a_particle_8_degrees_and_2_px_away_is_recovered(simulated):
+    particles, volume = simulated
+    start = _rotated_away(particles.quaternions(), 8.0, 0)
+    directions = np.random.default_rng(1).uniform(0, 2 * np.pi, len(particles))
+    origins = particles.shifts_px() + 2.0 * np.stack([np.cos(directions), np.sin(directions)], axis=1)
+    table = refine_particles(particles, volume, start, np.full(len(particles), 6.0), origins, progress=False)
+    angles, shifts = _errors(table, particles)
+    assert np.median(angles) < 1.0 and np.percentile(angles, 80) < 2.0
+    assert np.median(shifts) < 0.3
+    assert np.all(np.isfinite(table[star.REFINED_ERROR]))
+
+
+def test_an_unsure_particle_gets_the_wider_search(simulated):
+    """20 degrees off: the search a sure network (2 degrees) earns stays near the wrong start, an unsure one's
+    (15 degrees) reaches the truth."""
+    particles, volume = simulated
+    start = _rotated_away(particles.quaternions(), 20.0, 2)
+    settings = RefineSettings(shift_px=0.0)
+    sure = refine_particles(particles, volume, start, np.full(len(particles), 2.0), settings=settings, progress=False)
+    unsure = refine_particles(
+        particles, volume, start, np.full(len(particles), 15.0), settings=settings, progress=False
+    )
+    assert np.median(_errors(sure, particles)[0]) > 10.0
+    assert np.median(_errors(unsure, particles)[0]) < 1.5
+
+
+def test_search_widths_follow_the_expected_error():
+    settings = RefineSettings()
+    first = settings.first_stages(np.array([0.5, 2.0, 6.0, 14.0, 40.0, np.nan]))
+    assert np.all(np.diff(first[:4]) <= 0) and first[0] > first[3]  # less sure: an earlier, wider first stage
+    np.testing.assert_array_equal(first[4:], [-1, -1])  # beyond global_above_deg or unknown: global search
+    steps = settings.steps()
+    assert steps[-1] <= settings.step_deg < steps[-2]
+
+
+def test_refine_command_writes_refined_columns_and_keeps_the_rest(simulated, tmp_path, capsys):
+    particles, volume = simulated
+    table = particles.table.copy()
+    euler = geometry.quaternion_to_euler(_rotated_away(particles.quaternions(), 5.0, 3))
+    columns = {name: euler[:, i] for i, name in enumerate(star.ANGLES)} | {
+        star.EXPECTED_ERROR: np.full(len(table), 4.0)
+    }
+    particles.write_star(tmp_path / "predicted.star", columns=columns)
+    from cryo_forum.io.mrc import write_volume
+
+    write_volume(tmp_path / "map.mrc", volume, particles.pixel_size)
+    out = tmp_path / "refined.star"
+    assert (
+        cli(
+            [
+                "refine",
+                "--star",
+                str(tmp_path / "predicted.star"),
+                "--volume",
+                str(tmp_path / "map.mrc"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "refined 40 particles" in capsys.readouterr().out
+    refined = ParticleSet.open(out)
+    angles, _ = _errors(refined.table, particles)
+    assert np.median(angles) < 1.0
+    assert set(table.columns) <= set(refined.table.columns)
+    np.testing.assert_array_equal(refined.table[star.EXPECTED_ERROR], 4.0)  # the network's, kept
+    assert refined.table[star.REFINED_ERROR].median() < 4.0
+
+
+def test_refine_refuses_particles_without_poses_and_writes_nothing(tmp_path, capsys):
+    volume, pixel_size = load_volume(benchmark_map_path(), pixel_size=12.0, size=24)
+    write_simulation(tmp_path / "sim", volume, pixel_size, 4, snr=1.0, seed=0)
+    particles = ParticleSet.open(tmp_path / "sim" / "particles.star")
+    bare = particles.table.drop(columns=list(star.ANGLES))
+    from cryo_forum.io.star import write_star
+
+    write_star(tmp_path / "bare.star", {"particles": bare})
+    out = tmp_path / "refined.star"
+    status = cli(
+        [
+            "refine",
+            "--star",
+            str(tmp_path / "bare.star"),
+            "--volume",
+            str(tmp_path / "sim" / "volume.mrc"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert status == 1 and not out.exists()
+    assert "has no poses" in capsys.readouterr().err
+    assert (
+        cli(
+            [
+                "refine",
+                "--star",
+                str(tmp_path / "sim" / "particles.star"),
+                "--volume",
+                str(tmp_path / "none.mrc"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
+    assert "none.mrc: file not found" in capsys.readouterr().err and not out.exists()
+    assert (
+        cli(
+            [
+                "refine",
+                "--star",
+                str(tmp_path / "sim" / "particles.star"),
+                "--volume",
+                str(tmp_path / "sim" / "volume.mrc"),
+                "--out",
+                str(out),
+                "--refine-step",
+                "0",
+            ]
+        )
+        == 1
+    )
+    assert "--refine-step" in capsys.readouterr().err and not out.exists()
