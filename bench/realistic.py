@@ -13,11 +13,11 @@ refinement gives (1.5 deg RMS off, junk unflagged), rest.star the other 1600, pi
 It runs, exactly as a user would, `cryo-forum train --star job/consensus.star --out run` with the default settings
 (plus --extra), `cryo-forum predict --model run --star job/rest.star --out predicted_refined.star` (refined against
 the run's reference, the default) and the same with --no-refine (the network alone), each timed, and measures the
-rest against job/truth.star: pose errors of its true particles (median, mean, % within 5 and 10 deg),
-the error of predicted origins (when predict writes them) and the junk AUROC per kind of every score predict
-writes (_cfExpectedErrorDeg and any junk score). Writes result.json and realistic.png into the results folder
-and prints a table for the README. The job is reused when its job.json records the same settings and maps (path
-and sha256); each invocation trains a fresh run.
+rest against job/truth.star: pose errors of its true particles (median, mean, % within 5 and 10 deg, % within
+their calibrated 90 % bound), the error of predicted origins (when predict writes them) and the junk AUROC per
+kind of every score predict writes (_cfExpectedErrorDeg and any junk score). Writes result.json and
+realistic.png into the results folder and prints a table for the README. The job is reused when its job.json
+records the same settings and maps (path and sha256); each invocation trains a fresh run.
 """
 
 from __future__ import annotations
@@ -155,6 +155,11 @@ def measure(predicted_star: Path, truth_star: Path) -> tuple[dict, dict]:
         figures["shift_error_px"] = float(np.median(shifts[inlier]))
     else:
         figures["shift_error_px"] = "not written"
+    bound = next((column for column in (star.REFINED_BOUND, star.ERROR_BOUND) if column in predicted.table), None)
+    if bound is not None:  # the written poses' calibrated 90 % bound: the fraction of true particles within it
+        bounds = predicted.table[bound].to_numpy(np.float64)[pred_rows]
+        figures["within_90_bound_percent"] = float(100 * np.mean(errors[inlier] <= bounds[inlier]))
+        figures["bound_column"] = bound
     columns = junk_score_columns(predicted.table.columns)
     scores = {column: predicted.table[column].to_numpy(np.float64)[pred_rows] for column in columns}
     figures["auroc"] = {column: junk_aurocs(values, kinds) for column, values in scores.items()}

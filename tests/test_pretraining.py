@@ -88,6 +88,8 @@ def test_train_star_pretrains_on_its_own_map_then_fine_tunes(consensus, tmp_path
     assert predicted.has_origins and np.all(np.isfinite(predicted.shifts_px()))
     refined = [star_io.MATCH_SCORE, star_io.REFINED_ERROR]  # refined against the run's reference by default
     assert all(np.isfinite(predicted.table[column]).all() for column in refined)
+    bounds = predicted.table[[star_io.ERROR_BOUND, star_io.REFINED_BOUND]].to_numpy()  # calibrated on validation
+    assert np.all(np.isfinite(bounds) & (bounds > 0))
     centred = tmp_path / "centred.star"  # one trial, at the centre: two searches of 1.5 px (and parabolas) around it
     argv = ["predict", "--model", str(run), "--star", str(consensus / "picked.star"), "--out", str(centred)]
     assert main([*argv, "--max-shift", "0", "--no-refine"]) == 0

@@ -162,3 +162,25 @@ def test_refine_refuses_particles_without_poses_and_writes_nothing(tmp_path, cap
         == 1
     )
     assert "--refine-step" in capsys.readouterr().err and not out.exists()
+
+
+def test_images_the_map_cannot_explain_score_as_junk(tmp_path):
+    """Pure noise (a weak fit) and another molecule (power the projection leaves over) score above the particles."""
+    volume, pixel_size = load_volume(benchmark_map_path(), pixel_size=6.0, size=48)
+    options = dict(snr=0.5, ctf=True, seed=7, outlier_fraction=0.3, outlier_kinds=("noise", "decoy"))
+    write_simulation(tmp_path / "sim", volume, pixel_size, 120, **options)
+    particles = ParticleSet.open(tmp_path / "sim" / "particles.star")
+    kinds = particles.table[star.OUTLIER_KIND].to_numpy()
+    assert {"noise", "decoy"} <= set(kinds)
+    table = refine_particles(particles, volume, particles.quaternions(), np.full(len(particles), 60.0), progress=False)
+    scores = table[star.FIT_JUNK_SCORE].to_numpy()
+    for kind in ("noise", "decoy"):
+        assert np.median(scores[kinds == kind]) > np.percentile(scores[kinds == "none"], 90), kind
+    particles.write_star(tmp_path / "refined.star", columns=table)
+    kept = tmp_path / "kept.star"
+    argv = ["filter", "--star", str(tmp_path / "refined.star"), "--out", str(kept), "--metric", "fit_junk_score"]
+    assert cli([*argv, "--threshold", "3"]) == 0
+    kept_kinds = ParticleSet.open(kept).table[star.OUTLIER_KIND].to_numpy()
+    assert np.mean(kept_kinds == "none") > np.mean(kinds == "none") and np.sum(kept_kinds == "none") > 0.8 * np.sum(
+        kinds == "none"
+    )

@@ -135,7 +135,8 @@ def test_a_seed_reproduces_everything_and_chunks_do_not_matter(volume, tmp_path)
     other = simulate_particles(volume, PIXEL_SIZE, 20, **{**options, "seed": 7})
     assert not np.allclose(first.images, other.images)
     fewer = simulate_particles(volume, PIXEL_SIZE, 6, **options)  # particle i does not depend on n
-    np.testing.assert_allclose(fewer.images, first.images[:6], atol=1e-6 * np.abs(first.images).max())
+    # up to float32 rounding, which depends on the batch's size (batched FFTs); another particle differs by O(1)
+    np.testing.assert_allclose(fewer.images, first.images[:6], atol=1e-5 * np.abs(first.images).max())
     pd.testing.assert_frame_equal(fewer.particles, first.particles.iloc[:6], rtol=1e-6)  # float32 rounding
     write_simulation(tmp_path / "sim", volume, PIXEL_SIZE, 20, chunk_size=7, **options)
     with mrcfile.open(tmp_path / "sim" / "particles.mrcs") as mrc:

@@ -13,4 +13,11 @@ SCHEDULE_KINDS = ("original", "constant", "linear")
 AUGMENT_METHODS = ("fourier", "bilinear")
 STRATEGIES = ("default", "mirrored", "multiworker")
 # uncertainty scores: those of the QCQP eigenvalues, then the directional junk score of a calibrated run
-UNCERTAINTY_METRICS = ("dispersion_trace", "max_dispersion", "negative_eigengap", "expected_error_deg", "junk_score")
+UNCERTAINTY_METRICS = (
+    "dispersion_trace",
+    "max_dispersion",
+    "negative_eigengap",
+    "expected_error_deg",
+    "junk_score",
+    "fit_junk_score",
+)

@@ -3,7 +3,9 @@
 Writes a STAR file that keeps every input block and column, with the predicted rlnAngleRot/Tilt/Psi
 (degrees) and uncertainty columns: _cfExpectedErrorDeg (the expected angular error, the default score of
 filter and evaluate), _cfDispersionTrace, _cfMaxDispersion (larger = less sure), _cfEigenGap (larger = surer)
-and the four eigenvalues. Images are read and predicted in batches, so memory does not grow with the stack.
+and the four eigenvalues; with the run's calibration also _cfJunkScore (the directional junk score) and
+_cfErrorBound90Deg (calibrated on the validation particles: 90 % of the particles are closer to their true pose).
+Images are read and predicted in batches, so memory does not grow with the stack.
 Particles without origins (picked, never aligned) get them when a reference map is at hand (the run's own, made
 when it pre-trained on its consensus set, or --reference): the network predicts each particle re-centred at every
 trial origin of a grid within --max-shift, the trial whose pose the map's projection fits best is kept, and the
@@ -11,7 +13,9 @@ particle re-centred there is predicted again and its origin refined (rlnOriginX/
 written).
 The network's poses and origins are then finished by a local search against the run's reference.mrc when it has
 one (--refine MAP: another map; --no-refine: the network's own), as `cryo-forum refine` does: the refined angles
-and origins, _cfMatchScore and _cfRefinedErrorDeg are written; the network's uncertainty columns are kept.
+and origins, _cfMatchScore, _cfFitJunkScore (how badly the map explains the image, a directional z-score:
+the recommended junk score after refinement), _cfRefinedErrorDeg and, when the run calibrated it,
+_cfRefinedBound90Deg are written; the network's uncertainty columns are kept.
 A warning is logged when the predicted viewing directions collapse onto a few views.
 
 Examples:
@@ -76,16 +80,23 @@ def subset_indices(run, subset: str, particles):
     return split.indices_for(particles)[subset]
 
 
-def _add_junk_scores(table, run) -> None:
-    """The directional junk score column, when the run's calibration has its model (qcqp runs)."""
+def _add_calibrated_columns(table, run) -> None:
+    """The directional junk score and the 90 % error bounds, when the run's calibration has them (qcqp runs)."""
     from cryo_forum.io import star
-    from cryo_forum.prediction.calibration import scores_from_table
+    from cryo_forum.prediction.calibration import error_bounds, scores_from_table
 
     if star.EXPECTED_ERROR not in table or not run.file("calibration.json").exists():
         return
     calibration = run.load_calibration()
     if "directional" in calibration:
         table[star.JUNK_SCORE] = scores_from_table(table, "junk_score", "the predictions", calibration)
+    for kind, source, column in (
+        ("network", star.EXPECTED_ERROR, star.ERROR_BOUND),
+        ("refined", star.REFINED_ERROR, star.REFINED_BOUND),
+    ):
+        bounds = error_bounds(calibration, kind, table[source]) if source in table else None
+        if bounds is not None:
+            table[column] = bounds
 
 
 def main(args: argparse.Namespace) -> int:
@@ -129,9 +140,9 @@ def main(args: argparse.Namespace) -> int:
         reference=reference,
         centring=Centring.for_particles(particles, preprocessor, run.load_origin_spread(), args.max_shift),
     )
-    _add_junk_scores(table, run)
     if refine_path:
         table = _refined(table, particles, indices, refine_path, refine_settings)
+    _add_calibrated_columns(table, run)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
     particles.write_star(args.out, columns=table, keep=indices)

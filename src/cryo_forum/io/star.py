@@ -60,6 +60,9 @@ CLASS_NUMBER = "rlnClassNumber"
 OUTLIER = "cfIsOutlier"  # 0/1
 OUTLIER_KIND = "cfOutlierKind"
 EXPECTED_ERROR = "cfExpectedErrorDeg"  # the expected angular error under the belief, in degrees
+FIT_JUNK_SCORE = "cfFitJunkScore"  # refinement: directional z-score of how badly the map explains the image
+ERROR_BOUND = "cfErrorBound90Deg"  # the network's pose error is below it for 90 % of the particles (calibrated)
+REFINED_BOUND = "cfRefinedBound90Deg"  # the same for the refined pose
 REFINED_ERROR = "cfRefinedErrorDeg"  # the expected error of a refined pose, from the sharpness of its fit
 JUNK_SCORE = "cfJunkScore"  # the directional z-score of the expected error (larger = more likely junk)
 DISPERSION_TRACE = "cfDispersionTrace"

@@ -35,6 +35,7 @@ FORMAT = "cryo-forum uncertainty calibration"
 VERSION = 1
 QUANTILE_LEVELS = np.round(np.linspace(0.0, 1.0, 101), 2)
 TOLERANCE = 3.0
+BOUND_LEVEL = 0.9  # the coverage of the error bounds predict writes
 WINDOW = 0.1
 
 # Columns that hold a metric when the eigenvalue columns are absent: (column, sign turning it into the score).
@@ -46,7 +47,8 @@ FALLBACK_COLUMNS = {
 }
 
 
-METRICS = UNCERTAINTY_METRICS  # the eigenvalue scores of uncertainty.SCORES, then the junk score
+METRICS = UNCERTAINTY_METRICS  # the eigenvalue scores of uncertainty.SCORES, the junk score, refinement's fit
+FIT_JUNK_SCORE = "fit_junk_score"
 
 
 def check_metric(metric: str) -> None:
@@ -61,12 +63,19 @@ def scores_from_table(
     """Scores [N] of ``metric`` from the cfEigenvalue1-4 columns, else from the metric's own column.
 
     The junk score comes from its column (written by cryo-forum predict), else from the expected error and the
-    angles under the directional model of ``calibration``. Rows with a missing or non-finite value score NaN.
-    ``source`` names the file in error messages.
+    angles under the directional model of ``calibration``; the fit junk score only from its column (written by
+    refinement). Rows with a missing or non-finite value score NaN. ``source`` names the file in error messages.
     """
     check_metric(metric)
     if metric == JUNK_SCORE:
         return _junk_scores(table, source, calibration)
+    if metric == FIT_JUNK_SCORE:
+        if star.FIT_JUNK_SCORE not in table:
+            raise CryoForumError(
+                f"{source}: no {star.FIT_JUNK_SCORE} column; refine the poses first (cryo-forum refine)"
+            )
+        scores = _numeric(table, [star.FIT_JUNK_SCORE], source)[:, 0]
+        return np.where(np.isfinite(scores), scores, np.nan)
     if all(column in table for column in star.EIGENVALUES):
         values = _numeric(table, list(star.EIGENVALUES), source)
         scores = np.full(len(table), np.nan)
@@ -222,6 +231,8 @@ def calibrate(
     }
     if directional is not None:
         calibration["directional"] = directional
+    if errors_deg is not None and DEFAULT_METRIC in scores:
+        calibration["bound_90"] = {"network": bound_factor(errors_deg, scores[DEFAULT_METRIC])}
     if errors_deg is not None:
         calibration["errors_deg"] = {"median": float(np.median(errors_deg)), "mean": float(np.mean(errors_deg))}
         calibration["rule"] = {
@@ -234,6 +245,21 @@ def calibrate(
             ),
         }
     return calibration
+
+
+def bound_factor(errors_deg: np.ndarray, expected_error_deg: np.ndarray) -> float:
+    """The factor k that makes ``k * expected error`` a 90 % bound: the 0.9 quantile of error / expected error over
+    calibration particles of known pose [N] (their true errors below k times their expected errors in 90 % of
+    cases)."""
+    ratios = np.asarray(errors_deg, dtype=np.float64) / np.maximum(np.asarray(expected_error_deg, np.float64), 1e-6)
+    return float(np.quantile(ratios, BOUND_LEVEL))
+
+
+def error_bounds(calibration: dict, kind: str, expected_error_deg: np.ndarray) -> np.ndarray | None:
+    """The calibrated 90 % error bounds [N] (degrees) of expected errors [N] of ``kind`` ("network" or
+    "refined"), None when the calibration has no factor for it."""
+    factor = calibration.get("bound_90", {}).get(kind)
+    return None if factor is None else factor * np.asarray(expected_error_deg, dtype=np.float64)
 
 
 def check_calibration(calibration, where: str) -> dict:

@@ -1,14 +1,17 @@
 """Local refinement: the network's poses and origins finished by a local search against a map.
 
-Each particle starts from its predicted pose and origin and is searched on local grids of 125 rotations
-(``step * {-2..2}^3``, :meth:`ProjectionMatcher.local_search`) that shrink by 0.435 per stage down to
-``step_deg``, with the matcher's CTF-aware, whitened score; after every stage its origin is searched at the new
-pose within ``shift_px`` of where it started (:meth:`OriginSearch.best_origins`, sub-pixel). How wide the
-first grid is depends on the network's uncertainty: a particle whose expected error is e starts at the stage
-whose grid reaches ``radius_per_error * e`` (at least ``min_radius_deg``), so a sure particle costs two or three
-stages and an unsure one more; one whose radius would exceed ``global_above_deg`` is searched globally first
-(the matcher's coarse grid, symmetry-aware). A stage's band stops at ``coarse_band`` cycles per radian of its
-step, as the global grid's does, so a coarse grid is not misled by detail finer than it can resolve.
+Each particle starts from its predicted pose and origin and is searched on local grids of 27 rotations
+(``step * {-1, 0, 1}^3`` about its pose, :meth:`ProjectionMatcher.local_search`) whose step halves per stage down
+to ``step_deg``, with the matcher's CTF-aware, whitened score; before every stage its origin is searched at the
+current pose within ``shift_px`` of where it started (:meth:`OriginSearch.best_origins`, sub-pixel). How wide the
+search starts depends on the network's uncertainty: a particle whose expected error is e starts at the stage
+that reaches ``radius_per_error * e`` (at least ``min_radius_deg``), so a sure particle costs a few stages and
+an unsure one more; one whose radius would exceed ``global_above_deg`` is searched globally first (the matcher's
+coarse grid, symmetry-aware). A stage's band stops at ``coarse_band`` cycles per radian of its step, as the
+global grid's does, so a coarse grid is not misled by detail finer than it can resolve.
+
+Junk is told by the fit (:func:`misfit_scores`): an image the map explains badly, either because the fit is weak
+(empty picks, ice) or because much of its low-resolution power is left over (aggregates, carbon, other proteins).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from cryo_forum import geometry
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.particle_ctf import ParticleCTFs
+from cryo_forum.prediction.directional import view_model, view_z_scores
 from cryo_forum.prediction.matching import ProjectionMatcher, particle_spectra, shell_noise_power
 from cryo_forum.prediction.refine_settings import RefineSettings
 from cryo_forum.prediction.shifts import OriginSearch, parabola_offset
@@ -30,6 +34,8 @@ from cryo_forum.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
+RESIDUAL_BAND = 1 / 8  # cycles per box pixel: four per particle diameter in a box twice its size
+IDENTITY = np.array([[0.0, 0.0, 0.0, 1.0]])
 FLAT_ERROR_DEG = 120.0  # the expected error of a random pose (uncertainty.expected_error_deg of a flat belief)
 
 
@@ -50,9 +56,9 @@ class LocalRefiner:
     def refine(
         self, indices: np.ndarray, quaternions: np.ndarray, origins: np.ndarray, first: np.ndarray
     ) -> tuple[np.ndarray, ...]:
-        """Poses [b, 4], origins [b, 2] (px), scores [b] and expected errors [b] (degrees) of particles
-        ``indices`` [b] started at ``quaternions``, ``origins`` and stages ``first`` [b] (from
-        :meth:`RefineSettings.first_stages`; -1: global first)."""
+        """Poses [b, 4], origins [b, 2] (px), scores [b], expected errors [b] (degrees) and low-resolution
+        residuals [b] (:func:`misfit_scores`) of particles ``indices`` [b] started at ``quaternions``, ``origins``
+        and stages ``first`` [b] (from :meth:`RefineSettings.first_stages`; -1: global first)."""
         images = self.particles.images(indices)
         spectra = particle_spectra(images)
         weighted = self.origins.weighted_spectra(images)
@@ -78,7 +84,10 @@ class LocalRefiner:
         offsets = _pattern(step)
         best, _, scores, around = self.matcher.local_search(spectra, flat_ctf, poses, moved, offsets)
         poses, errors = _vertex(poses, best, around, step)
-        return geometry.canonical_quaternion(poses), moved, scores, errors
+        low = self.matcher.band(self.particles.box_size * RESIDUAL_BAND)
+        _, _, fit, _ = self.matcher.local_search(spectra, flat_ctf, poses, moved, IDENTITY, band=low)
+        residuals = np.sum(low.weights * np.abs(spectra[:, low.flat]) ** 2, axis=1) - fit**2
+        return geometry.canonical_quaternion(poses), moved, scores, errors, residuals
 
     def _origins(self, weighted, ctf, poses, start) -> np.ndarray:
         """The best origins within ``shift_px`` of ``start`` at ``poses`` (``start`` itself when 0)."""
@@ -148,11 +157,11 @@ def refine_particles(
     if origins is None:
         origins = particles.shifts_px() if particles.has_origins else np.zeros((len(particles), 2))
     poses, moved = np.zeros((len(particles), 4)), np.zeros((len(particles), 2))
-    scores, errors = np.zeros(len(particles)), np.zeros(len(particles))
+    scores, errors, residuals = np.zeros(len(particles)), np.zeros(len(particles)), np.zeros(len(particles))
     with progress_bar(len(particles), description="refine", enabled=progress) as bar:
         for begin in range(0, len(particles), settings.batch_size):
             rows = np.arange(begin, min(begin + settings.batch_size, len(particles)))
-            poses[rows], moved[rows], scores[rows], errors[rows] = refiner.refine(
+            poses[rows], moved[rows], scores[rows], errors[rows], residuals[rows] = refiner.refine(
                 rows, quaternions[rows], origins[rows], first[rows]
             )
             bar.update(len(rows))
@@ -162,4 +171,20 @@ def refine_particles(
         table[column] = values
     table[star.MATCH_SCORE] = scores
     table[star.REFINED_ERROR] = errors
+    table[star.FIT_JUNK_SCORE] = misfit_scores(scores, residuals, poses, settings.symmetry)
     return table
+
+
+def misfit_scores(scores: np.ndarray, residuals: np.ndarray, quaternions: np.ndarray, symmetry: str) -> np.ndarray:
+    """How badly the map explains each particle [N], as a directional z-score (larger = more likely junk).
+
+    Two signs of junk, each compared with the particles seen from about the same direction
+    (:func:`cryo_forum.prediction.directional.view_model`, robust to a minority of junk in the set): a weak fit
+    (a low whitened score, in units of the noise) and a large residual, the whitened power of the image below
+    RESIDUAL_BAND less the part the best-scaled projection explains. An empty pick fails the first; an aggregate,
+    carbon or another protein holds power the projection does not explain and fails the second. The score is the
+    larger of the two z-scores.
+    """
+    weak = view_z_scores(-scores, quaternions, view_model(-scores, quaternions, symmetry))
+    unexplained = view_z_scores(residuals, quaternions, view_model(residuals, quaternions, symmetry))
+    return np.maximum(weak, unexplained)

@@ -233,7 +233,7 @@ def calibrate_on_validation(run: Run) -> None:
 
     Thresholds for ``cryo-forum filter`` come from these predictions, never from the set being filtered.
     """
-    from cryo_forum.io.star import OUTLIER
+    from cryo_forum.io.star import EXPECTED_ERROR, OUTLIER
     from cryo_forum.prediction.calibration import calibrate, pose_errors_deg
     from cryo_forum.prediction.predict import predict_particles
 
@@ -244,5 +244,34 @@ def calibrate_on_validation(run: Run) -> None:
     errors = pose_errors_deg(table, truth, config.symmetry)
     if OUTLIER in truth:
         table[OUTLIER] = truth[OUTLIER].to_numpy()
-    path = run.save_calibration(calibrate(table, errors_deg=errors, symmetry=config.symmetry))
+    calibration = calibrate(table, errors_deg=errors, symmetry=config.symmetry)
+    if run.file(REFERENCE_NAME).exists() and EXPECTED_ERROR in table:
+        calibration["bound_90"]["refined"] = _refined_bound_factor(run, particles, indices, table, truth, config)
+    path = run.save_calibration(calibration)
     log.info(f"uncertainty calibrated on {len(table)} validation particles: {path}")
+
+
+def _refined_bound_factor(run: Run, particles, indices, table, truth, config) -> float:
+    """The 90 % bound factor of refined expected errors: the validation particles refined against the run's
+    reference from the network's poses, their errors against their known poses."""
+    import numpy as np
+
+    from cryo_forum.geometry import euler_to_quaternion
+    from cryo_forum.io.maps import load_volume
+    from cryo_forum.io.star import ANGLES, EXPECTED_ERROR, REFINED_ERROR
+    from cryo_forum.prediction.calibration import bound_factor, pose_errors_deg
+    from cryo_forum.prediction.refine_settings import RefineSettings
+    from cryo_forum.prediction.refinement import refine_particles
+
+    chosen = particles if indices is None else particles.subset(indices)
+    volume, _ = load_volume(run.file(REFERENCE_NAME), chosen.pixel_size, chosen.box_size, center=False)
+    poses = euler_to_quaternion(table[list(ANGLES)].to_numpy(np.float64))
+    refined = refine_particles(
+        chosen,
+        volume,
+        poses,
+        table[EXPECTED_ERROR].to_numpy(np.float64),
+        settings=RefineSettings(symmetry=config.symmetry),
+        progress=False,
+    )
+    return bound_factor(pose_errors_deg(refined, truth, config.symmetry), refined[REFINED_ERROR].to_numpy())
