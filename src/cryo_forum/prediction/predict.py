@@ -77,7 +77,7 @@ def predict_particles(
     trials = centring.trials()
     log.info(f"centring {len(indices)} particles: the network's poses at {len(trials)} trial origins")
     poses = np.empty((len(trials), len(indices), 4))
-    with progress_bar(len(trials), description="trial origins", enabled=progress) as bar:
+    with progress_bar(len(trials), unit="trial", description="trial origins", enabled=progress) as bar:
         for number, trial in enumerate(trials):
             at_trial = np.broadcast_to(trial, (len(indices), 2))
             poses[number] = _predict(forward, particles, preprocessor, indices, batch_size, False, at_trial)[0]

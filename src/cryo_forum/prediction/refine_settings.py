@@ -13,6 +13,7 @@ from cryo_forum.errors import InvalidSetting
 SHRINK = 0.5  # each stage's step over the previous one
 REACH = 1.0 / (1.0 - SHRINK)  # how far a pattern search from step s can move in all, per unit of s
 MIN_STEP_DEG = 0.01
+GLOBAL_SHIFT_STEP_PX = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,16 @@ class RefineSettings:
         self.matching().validate()
 
     def matching(self):
-        """The matcher's :class:`~cryo_forum.prediction.matching.MatchSettings`: its global grid for the fallback,
-        its batch size and symmetry."""
+        """The matcher's :class:`~cryo_forum.prediction.matching.MatchSettings`: its global grid for the fallback
+        (which also tries origins 1 px apart within ``shift_px`` of the start: a particle the network centred badly
+        is not lost), its batch size and symmetry."""
         from cryo_forum.prediction.matching import MatchSettings
 
         return MatchSettings(
             coarse_deg=self.coarse_deg,
             refine_deg=min(self.step_deg, self.coarse_deg),
+            max_shift_px=self.shift_px,
+            shift_step_px=min(GLOBAL_SHIFT_STEP_PX, self.shift_px) or GLOBAL_SHIFT_STEP_PX,
             coarse_band=self.coarse_band,
             oversampling=self.oversampling,
             batch_size=self.batch_size,

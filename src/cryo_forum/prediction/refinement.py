@@ -7,7 +7,7 @@ current pose within ``shift_px`` of where it started (:meth:`OriginSearch.best_o
 search starts depends on the network's uncertainty: a particle whose expected error is e starts at the stage
 that reaches ``radius_per_error * e`` (at least ``min_radius_deg``), so a sure particle costs a few stages and
 an unsure one more; one whose radius would exceed ``global_above_deg`` is searched globally first (the matcher's
-coarse grid, symmetry-aware). A stage's band stops at ``coarse_band`` cycles per radian of its step, as the
+coarse grid, symmetry-aware, over origins 1 px apart within ``shift_px``). A stage's band stops at ``coarse_band`` cycles per radian of its step, as the
 global grid's does, so a coarse grid is not misled by detail finer than it can resolve.
 
 Junk is told by the fit (:func:`misfit_scores`): an image the map explains badly, either because the fit is weak
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RESIDUAL_BAND = 1 / 8  # cycles per box pixel: four per particle diameter in a box twice its size
 IDENTITY = np.array([[0.0, 0.0, 0.0, 1.0]])
+FIT_JUNK_THRESHOLD = 3.0  # the recommended cut of misfit_scores: 3 robust standard deviations beyond the view's
 FLAT_ERROR_DEG = 120.0  # the expected error of a random pose (uncertainty.expected_error_deg of a flat belief)
 
 

@@ -246,22 +246,23 @@ def calibrate_on_validation(run: Run) -> None:
         table[OUTLIER] = truth[OUTLIER].to_numpy()
     calibration = calibrate(table, errors_deg=errors, symmetry=config.symmetry)
     if run.file(REFERENCE_NAME).exists() and EXPECTED_ERROR in table:
-        calibration["bound_90"]["refined"] = _refined_bound_factor(run, particles, indices, table, truth, config)
+        calibration["bound_90"] = _refined_bounds(run, particles, indices, table, truth, errors, config)
     path = run.save_calibration(calibration)
     log.info(f"uncertainty calibrated on {len(table)} validation particles: {path}")
 
 
-def _refined_bound_factor(run: Run, particles, indices, table, truth, config) -> float:
-    """The 90 % bound factor of refined expected errors: the validation particles refined against the run's
-    reference from the network's poses, their errors against their known poses."""
+def _refined_bounds(run: Run, particles, indices, table, truth, errors, config) -> dict:
+    """The 90 % bound factors of the network's and the refined expected errors, from the validation particles
+    refined against the run's reference: on the particles the fit junk score keeps, because the unflagged junk of a
+    consensus set has random poses that no error estimate should cover."""
     import numpy as np
 
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io.maps import load_volume
-    from cryo_forum.io.star import ANGLES, EXPECTED_ERROR, REFINED_ERROR
+    from cryo_forum.io.star import ANGLES, EXPECTED_ERROR, FIT_JUNK_SCORE, REFINED_ERROR
     from cryo_forum.prediction.calibration import bound_factor, pose_errors_deg
     from cryo_forum.prediction.refine_settings import RefineSettings
-    from cryo_forum.prediction.refinement import refine_particles
+    from cryo_forum.prediction.refinement import FIT_JUNK_THRESHOLD, refine_particles
 
     chosen = particles if indices is None else particles.subset(indices)
     volume, _ = load_volume(run.file(REFERENCE_NAME), chosen.pixel_size, chosen.box_size, center=False)
@@ -274,4 +275,11 @@ def _refined_bound_factor(run: Run, particles, indices, table, truth, config) ->
         settings=RefineSettings(symmetry=config.symmetry),
         progress=False,
     )
-    return bound_factor(pose_errors_deg(refined, truth, config.symmetry), refined[REFINED_ERROR].to_numpy())
+    kept = refined[FIT_JUNK_SCORE].to_numpy() <= FIT_JUNK_THRESHOLD
+    refined_errors = pose_errors_deg(refined, truth, config.symmetry)
+    return {
+        "network": bound_factor(errors[kept], table[EXPECTED_ERROR].to_numpy(np.float64)[kept]),
+        "refined": bound_factor(refined_errors[kept], refined[REFINED_ERROR].to_numpy()[kept]),
+        "particles": int(kept.sum()),
+        "rule": f"validation particles with {FIT_JUNK_SCORE} <= {FIT_JUNK_THRESHOLD:g} after refinement",
+    }
