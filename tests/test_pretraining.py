@@ -90,6 +90,12 @@ def test_train_star_pretrains_on_its_own_map_then_fine_tunes(consensus, tmp_path
     assert all(np.isfinite(predicted.table[column]).all() for column in refined)
     bounds = predicted.table[[star_io.ERROR_BOUND, star_io.REFINED_BOUND]].to_numpy()  # calibrated on validation
     assert np.all(np.isfinite(bounds) & (bounds > 0))
+    assert "recommended" in Run(run).load_calibration()["metrics"]["fit_junk_score"]  # from the refined validation set
+    kept = tmp_path / "kept.star"
+    assert (
+        main(["filter", "--star", str(out), "--out", str(kept), "--model", str(run), "--metric", "fit_junk_score"]) == 0
+    )
+    assert "with fit_junk_score <=" in capsys.readouterr().out and kept.exists()
     centred = tmp_path / "centred.star"  # one trial, at the centre: two searches of 1.5 px (and parabolas) around it
     argv = ["predict", "--model", str(run), "--star", str(consensus / "picked.star"), "--out", str(centred)]
     assert main([*argv, "--max-shift", "0", "--no-refine"]) == 0

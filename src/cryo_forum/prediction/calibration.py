@@ -213,13 +213,7 @@ def calibrate(
         errors_deg = np.asarray(errors_deg, dtype=np.float64)
         if errors_deg.shape != (n,) or not np.isfinite(errors_deg).all():
             raise ValueError(f"errors_deg must be {n} finite values, got shape {errors_deg.shape}")
-    entries = {}
-    for name, values in scores.items():
-        entry: dict = {"quantiles": np.quantile(values, QUANTILE_LEVELS).tolist()}
-        if errors_deg is not None:
-            entry["recommended"] = recommend_threshold(values, errors_deg, tolerance, window)
-            entry["spearman_with_error"] = _spearman(values, errors_deg)
-        entries[name] = entry
+    entries = {name: metric_entry(values, errors_deg, tolerance, window) for name, values in scores.items()}
     calibration = {
         "format": FORMAT,
         "version": VERSION,
@@ -245,6 +239,18 @@ def calibrate(
             ),
         }
     return calibration
+
+
+def metric_entry(
+    values: np.ndarray, errors_deg: np.ndarray | None = None, tolerance: float = TOLERANCE, window: float = WINDOW
+) -> dict:
+    """One metric's calibration: its quantiles over the calibration particles' scores [N] and, with their pose
+    errors [N], the recommended threshold and the Spearman correlation of score and error."""
+    entry: dict = {"quantiles": np.quantile(values, QUANTILE_LEVELS).tolist()}
+    if errors_deg is not None:
+        entry["recommended"] = recommend_threshold(values, errors_deg, tolerance, window)
+        entry["spearman_with_error"] = _spearman(values, errors_deg)
+    return entry
 
 
 def bound_factor(errors_deg: np.ndarray, expected_error_deg: np.ndarray) -> float:

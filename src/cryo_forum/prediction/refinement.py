@@ -7,8 +7,9 @@ current pose within ``shift_px`` of where it started (:meth:`OriginSearch.best_o
 search starts depends on the network's uncertainty: a particle whose expected error is e starts at the stage
 that reaches ``radius_per_error * e`` (at least ``min_radius_deg``), so a sure particle costs a few stages and
 an unsure one more; one whose radius would exceed ``global_above_deg`` is searched globally first (the matcher's
-coarse grid, symmetry-aware, over origins 1 px apart within ``shift_px``). A stage's band stops at ``coarse_band`` cycles per radian of its step, as the
-global grid's does, so a coarse grid is not misled by detail finer than it can resolve.
+coarse grid, symmetry-aware, over origins 1 px apart within ``shift_px``). A stage's band stops at
+``coarse_band`` cycles per radian of its step, as the global grid's does, so a coarse grid is not misled by detail
+finer than it can resolve.
 
 Junk is told by the fit (:func:`misfit_scores`): an image the map explains badly, either because the fit is weak
 (empty picks, ice) or because much of its low-resolution power is left over (aggregates, carbon, other proteins).

@@ -234,6 +234,7 @@ def calibrate_on_validation(run: Run) -> None:
     Thresholds for ``cryo-forum filter`` come from these predictions, never from the set being filtered.
     """
     from cryo_forum.io.star import EXPECTED_ERROR, OUTLIER
+    from cryo_forum.prediction.calibration import FIT_JUNK_SCORE as FIT_JUNK_METRIC
     from cryo_forum.prediction.calibration import calibrate, pose_errors_deg
     from cryo_forum.prediction.predict import predict_particles
 
@@ -246,21 +247,23 @@ def calibrate_on_validation(run: Run) -> None:
         table[OUTLIER] = truth[OUTLIER].to_numpy()
     calibration = calibrate(table, errors_deg=errors, symmetry=config.symmetry)
     if run.file(REFERENCE_NAME).exists() and EXPECTED_ERROR in table:
-        calibration["bound_90"] = _refined_bounds(run, particles, indices, table, truth, errors, config)
+        bounds, fit_entry = _refined_calibration(run, particles, indices, table, truth, errors, config)
+        calibration["bound_90"] = bounds
+        calibration["metrics"][FIT_JUNK_METRIC] = fit_entry
     path = run.save_calibration(calibration)
     log.info(f"uncertainty calibrated on {len(table)} validation particles: {path}")
 
 
-def _refined_bounds(run: Run, particles, indices, table, truth, errors, config) -> dict:
-    """The 90 % bound factors of the network's and the refined expected errors, from the validation particles
-    refined against the run's reference: on the particles the fit junk score keeps, because the unflagged junk of a
-    consensus set has random poses that no error estimate should cover."""
+def _refined_calibration(run: Run, particles, indices, table, truth, errors, config) -> tuple[dict, dict]:
+    """From the validation particles refined against the run's reference: the 90 % bound factors of the network's
+    and the refined expected errors (on the particles the fit junk score keeps, because the unflagged junk of a
+    consensus set has random poses that no error estimate should cover), and the fit junk score's calibration."""
     import numpy as np
 
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io.maps import load_volume
     from cryo_forum.io.star import ANGLES, EXPECTED_ERROR, FIT_JUNK_SCORE, REFINED_ERROR
-    from cryo_forum.prediction.calibration import bound_factor, pose_errors_deg
+    from cryo_forum.prediction.calibration import bound_factor, metric_entry, pose_errors_deg
     from cryo_forum.prediction.refine_settings import RefineSettings
     from cryo_forum.prediction.refinement import FIT_JUNK_THRESHOLD, refine_particles
 
@@ -275,11 +278,13 @@ def _refined_bounds(run: Run, particles, indices, table, truth, errors, config) 
         settings=RefineSettings(symmetry=config.symmetry),
         progress=False,
     )
-    kept = refined[FIT_JUNK_SCORE].to_numpy() <= FIT_JUNK_THRESHOLD
+    fit = refined[FIT_JUNK_SCORE].to_numpy()
+    kept = fit <= FIT_JUNK_THRESHOLD
     refined_errors = pose_errors_deg(refined, truth, config.symmetry)
-    return {
+    bounds = {
         "network": bound_factor(errors[kept], table[EXPECTED_ERROR].to_numpy(np.float64)[kept]),
         "refined": bound_factor(refined_errors[kept], refined[REFINED_ERROR].to_numpy()[kept]),
         "particles": int(kept.sum()),
         "rule": f"validation particles with {FIT_JUNK_SCORE} <= {FIT_JUNK_THRESHOLD:g} after refinement",
     }
+    return bounds, metric_entry(fit, refined_errors)
