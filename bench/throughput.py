@@ -161,6 +161,7 @@ def matching_throughput(volume_path: Path, field_of_view: float, image_size: int
         images, ctf, origins = particles.images(rows), ParticleCTFs(particles)(rows), np.zeros((n, 2))
         started = time.perf_counter()
         matcher = ProjectionMatcher(volume, MatchSettings(), shell_noise_power(particles))
+        matcher.search(images[:1], ctf[:1], origins[:1])  # the global table is made at the first search
         setup = time.perf_counter() - started
     batch = matcher.settings.batch_size
 
