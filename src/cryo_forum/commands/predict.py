@@ -140,9 +140,10 @@ def main(args: argparse.Namespace) -> int:
         reference=reference,
         centring=Centring.for_particles(particles, preprocessor, run.load_origin_spread(), args.max_shift),
     )
+    _add_calibrated_columns(table, run)  # the network's bound sets how wide refinement searches
     if refine_path:
         table = _refined(table, particles, indices, refine_path, refine_settings)
-    _add_calibrated_columns(table, run)
+        _add_calibrated_columns(table, run)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
     particles.write_star(args.out, columns=table, keep=indices)
@@ -170,7 +171,7 @@ def _refined(table, particles, indices, path: Path, settings):
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io import star
     from cryo_forum.io.maps import load_volume
-    from cryo_forum.prediction.refinement import refine_particles
+    from cryo_forum.prediction.refinement import refine_particles, search_widths
 
     chosen = particles if indices is None else particles.subset(indices)
     volume, _ = load_volume(path, chosen.pixel_size, chosen.box_size, center=False)
@@ -180,9 +181,7 @@ def _refined(table, particles, indices, path: Path, settings):
         origins = table[[star.ORIGIN_X, star.ORIGIN_Y]].to_numpy(np.float64)
     else:
         origins = None
-    errors = np.full(len(table), np.nan)  # heads without an uncertainty: searched globally
-    if star.EXPECTED_ERROR in table:
-        errors = table[star.EXPECTED_ERROR].to_numpy(np.float64)
+    errors, settings = search_widths(table, settings)
     quaternions = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(np.float64))
     refined = refine_particles(chosen, volume, quaternions, errors, origins, settings)
     for column in refined:

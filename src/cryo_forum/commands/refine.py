@@ -3,9 +3,10 @@
 Every particle starts from its pose and origin in --star and is searched on shrinking local grids of rotations
 around it, down to --refine degrees, scored like `cryo-forum match` (the CTF-aware, noise-whitened correlation
 with the map's projection); its origin is searched to a fraction of a pixel within --max-shift of where it
-started. How wide the search starts follows the network's uncertainty (_cfExpectedErrorDeg): a particle it is sure
-of gets a small search, an unsure one a wider one, and one whose search would reach beyond --global-above degrees
-(or that has no expected error) a global search first (symmetry-aware with --symmetry). The map is resampled to
+started. How wide the search starts follows the network's uncertainty (its calibrated 90 % bound
+_cfErrorBound90Deg, else twice _cfExpectedErrorDeg): a particle it is sure of gets a small search, an unsure one a
+wider one, and one whose search would reach beyond --global-above degrees (or that has no expected error) a global
+search first (symmetry-aware with --symmetry). The map is resampled to
 the particles' pixel size and box but not re-centred: its origin defines the poses (use the map the network was
 trained on, e.g. the run's reference.mrc). Writes a STAR file that keeps every input block and column, with the
 refined rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst, _cfMatchScore (larger = better fit) and _cfRefinedErrorDeg,
@@ -89,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.maps import load_volume
     from cryo_forum.io.particles import ParticleSet
-    from cryo_forum.prediction.refinement import refine_particles
+    from cryo_forum.prediction.refinement import refine_particles, search_widths
 
     if args.batch_size < 1:
         raise CryoForumError(f"--batch-size: must be positive, got {args.batch_size}")
@@ -103,19 +104,9 @@ def main(args: argparse.Namespace) -> int:
     OutputGuard().protect_particles(particles).protect(args.volume, "the reference map").check_file(args.out)
     volume, _ = load_volume(args.volume, pixel_size=particles.pixel_size, size=particles.box_size, center=False)
     started = time.perf_counter()
-    table = refine_particles(particles, volume, particles.quaternions(), network_errors(particles), settings=settings)
+    widths, settings = search_widths(particles.table, settings)
+    table = refine_particles(particles, volume, particles.quaternions(), widths, settings=settings)
     seconds = time.perf_counter() - started
     particles.write_star(args.out, columns=table)
     print(f"refined {len(table)} particles in {seconds:.1f} s ({seconds / len(table) * 1e3:.0f} ms each) -> {args.out}")
     return 0
-
-
-def network_errors(particles):
-    """The network's expected error per particle (NaN where the file has none: searched globally)."""
-    import numpy as np
-
-    from cryo_forum.io import star
-
-    if star.EXPECTED_ERROR in particles.table:
-        return particles.numbers([star.EXPECTED_ERROR])[:, 0]
-    return np.full(len(particles), np.nan)

@@ -17,6 +17,7 @@ Junk is told by the fit (:func:`misfit_scores`): an image the map explains badly
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -175,6 +176,17 @@ def refine_particles(
     table[star.REFINED_ERROR] = errors
     table[star.FIT_JUNK_SCORE] = misfit_scores(scores, residuals, poses, settings.symmetry)
     return table
+
+
+def search_widths(table: pd.DataFrame, settings: RefineSettings) -> tuple[np.ndarray, RefineSettings]:
+    """What sets each particle's search radius, from a table of predictions: the calibrated 90 % bound
+    (_cfErrorBound90Deg, searched out to it) when there is one, else the expected error (_cfExpectedErrorDeg, times
+    ``radius_per_error``), else NaN (a global search). Returns the values [N] and the settings to use."""
+    if star.ERROR_BOUND in table:
+        return table[star.ERROR_BOUND].to_numpy(np.float64), dataclasses.replace(settings, radius_per_error=1.0)
+    if star.EXPECTED_ERROR in table:
+        return table[star.EXPECTED_ERROR].to_numpy(np.float64), settings
+    return np.full(len(table), np.nan), settings
 
 
 def misfit_scores(scores: np.ndarray, residuals: np.ndarray, quaternions: np.ndarray, symmetry: str) -> np.ndarray:
