@@ -1,17 +1,18 @@
 """Finish predicted poses and origins with a local search against a map (after `cryo-forum predict`).
 
 Every particle starts from its pose and origin in --star and is searched on shrinking local grids of rotations
-around it, down to --refine degrees, scored like `cryo-forum match` (the CTF-aware, noise-whitened correlation
-with the map's projection); its origin is searched to a fraction of a pixel within --max-shift of where it
+around it, down to --refine-step degrees, scored like `cryo-forum match` (the CTF-aware, noise-whitened correlation
+with the map's projection); its origin is searched to a fraction of a pixel within --refine-shift of where it
 started. How wide the search starts follows the network's uncertainty (its calibrated 90 % bound
 _cfErrorBound90Deg, else twice _cfExpectedErrorDeg): a particle it is sure of gets a small search, an unsure one a
 wider one, and one whose search would reach beyond --global-above degrees (or that has no expected error) a global
-search first (symmetry-aware with --symmetry). The map is resampled to
-the particles' pixel size and box but not re-centred: its origin defines the poses (use the map the network was
-trained on, e.g. the run's reference.mrc). Writes a STAR file that keeps every input block and column, with the
-refined rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst, _cfMatchScore (larger = better fit) and _cfRefinedErrorDeg,
-the refined pose's expected error from the sharpness of its fit (it leaves out the map's own errors, so with a
-map from the data set itself it is smaller than the true error).
+search first (symmetry-aware with --symmetry). The map is resampled to the particles' pixel size and box but not
+re-centred: its origin defines the poses (use the map the network was trained on, e.g. the run's reference.mrc).
+Writes a STAR file that keeps every input block and column, with the refined rlnAngleRot/Tilt/Psi and
+rlnOriginX/YAngst, _cfMatchScore (larger = better fit), _cfFitJunkScore (how badly the map explains the image, a
+directional z-score; `cryo-forum filter --metric fit_junk_score --threshold 3`) and _cfRefinedErrorDeg, the refined
+pose's expected error from the sharpness of its fit (it leaves out the map's own errors, so with a map from the
+data set itself it is smaller than the true error).
 
 Example:
   cryo-forum refine --star predicted.star --volume run1/reference.mrc --out refined.star
