@@ -34,7 +34,7 @@ SIMULATING = {
     "data_prep/simulate_example.py": example_map_path(),
     "data_prep/simulate_job.py": benchmark_map_path(),
 }
-WITHOUT_MAP = {"bench/cleanup.py", "data_prep/make_example_map.py"}
+WITHOUT_MAP = {"bench/cleanup.py", "bench/comparison.py", "data_prep/make_example_map.py"}  # they reuse runs
 COMMANDS = sorted(
     str(path.relative_to(ROOT)) for folder in ("bench", "data_prep") for path in (ROOT / folder).glob("[!_]*.py")
 )
