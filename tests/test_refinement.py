@@ -48,6 +48,8 @@ def test_a_particle_8_degrees_and_2_px_away_is_recovered(simulated):
     assert np.median(angles) < 1.0 and np.percentile(angles, 80) < 2.0
     assert np.median(shifts) < 0.3
     assert np.all(np.isfinite(table[star.REFINED_ERROR]))
+    covered = np.mean(angles <= table[star.REFINED_BOUND].to_numpy())  # the fit's own 90 % bound, against the true map
+    assert 0.75 <= covered, covered
 
 
 def test_an_unsure_particle_gets_the_wider_search(simulated):

@@ -226,7 +226,8 @@ def calibrate(
     if directional is not None:
         calibration["directional"] = directional
     if errors_deg is not None and DEFAULT_METRIC in scores:
-        calibration["bound_90"] = {"network": bound_factor(errors_deg, scores[DEFAULT_METRIC])}
+        true = _unlabelled(predictions, n)  # a labelled outlier's pose is random: no bound should cover it
+        calibration["bound_90"] = {"network": bound_factor(errors_deg[true], scores[DEFAULT_METRIC][true])}
     if errors_deg is not None:
         calibration["errors_deg"] = {"median": float(np.median(errors_deg)), "mean": float(np.mean(errors_deg))}
         calibration["rule"] = {
@@ -239,6 +240,13 @@ def calibrate(
             ),
         }
     return calibration
+
+
+def _unlabelled(predictions, n: int) -> np.ndarray:
+    """Rows [n] not flagged as outliers (all rows when the predictions carry no outlier flag)."""
+    if isinstance(predictions, pd.DataFrame) and star.OUTLIER in predictions:
+        return predictions[star.OUTLIER].to_numpy() == 0
+    return np.ones(n, dtype=bool)
 
 
 def metric_entry(

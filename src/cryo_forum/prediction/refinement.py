@@ -40,6 +40,7 @@ RESIDUAL_BAND = 1 / 8  # cycles per box pixel: four per particle diameter in a b
 IDENTITY = np.array([[0.0, 0.0, 0.0, 1.0]])
 FIT_JUNK_THRESHOLD = 3.0  # the recommended cut of misfit_scores: 3 robust standard deviations beyond the view's
 FLAT_ERROR_DEG = 120.0  # the expected error of a random pose (uncertainty.expected_error_deg of a flat belief)
+GAUSSIAN_BOUND_90 = 1.4435  # 90 % of an isotropic 3-D Gaussian's draws lie within 1.4435 x its RMS (chi2_3)
 
 
 class LocalRefiner:
@@ -145,8 +146,9 @@ def refine_particles(
     (px; default the set's, zero where none) and the network's ``expected_error_deg`` [N] (NaN: unknown,
     searched globally).
 
-    The table holds the angles, the origins (the set's layout), _cfMatchScore and _cfRefinedErrorDeg (the refined
-    pose's expected error, see :func:`_vertex`).
+    The table holds the angles, the origins (the set's layout), _cfMatchScore, _cfRefinedErrorDeg (the refined
+    pose's expected error, see :func:`_vertex`), _cfRefinedBound90Deg (the 90 % bound that error implies for a
+    Gaussian posterior) and _cfFitJunkScore.
     """
     from cryo_forum.prediction.predict import origin_columns
 
@@ -174,6 +176,7 @@ def refine_particles(
         table[column] = values
     table[star.MATCH_SCORE] = scores
     table[star.REFINED_ERROR] = errors
+    table[star.REFINED_BOUND] = GAUSSIAN_BOUND_90 * errors  # the fit's own; a run's calibration replaces it
     table[star.FIT_JUNK_SCORE] = misfit_scores(scores, residuals, poses, settings.symmetry)
     return table
 
