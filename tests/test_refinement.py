@@ -110,60 +110,27 @@ def test_refine_command_writes_refined_columns_and_keeps_the_rest(simulated, tmp
     assert refined.table[star.REFINED_ERROR].median() < 4.0
 
 
-def test_refine_refuses_particles_without_poses_and_writes_nothing(tmp_path, capsys):
+def test_refine_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys):
     volume, pixel_size = load_volume(benchmark_map_path(), pixel_size=12.0, size=24)
     write_simulation(tmp_path / "sim", volume, pixel_size, 4, snr=1.0, seed=0)
     particles = ParticleSet.open(tmp_path / "sim" / "particles.star")
-    bare = particles.table.drop(columns=list(star.ANGLES))
     from cryo_forum.io.star import write_star
 
-    write_star(tmp_path / "bare.star", {"particles": bare})
+    write_star(tmp_path / "bare.star", {"particles": particles.table.drop(columns=list(star.ANGLES))})
+    particles.write_star(tmp_path / "text.star", columns={star.EXPECTED_ERROR: ["abc", "1", "2", "3"]})
+    good_star, good_map = tmp_path / "sim" / "particles.star", tmp_path / "sim" / "volume.mrc"
     out = tmp_path / "refined.star"
-    status = cli(
-        [
-            "refine",
-            "--star",
-            str(tmp_path / "bare.star"),
-            "--volume",
-            str(tmp_path / "sim" / "volume.mrc"),
-            "--out",
-            str(out),
-        ]
-    )
-    assert status == 1 and not out.exists()
-    assert "has no poses" in capsys.readouterr().err
-    assert (
-        cli(
-            [
-                "refine",
-                "--star",
-                str(tmp_path / "sim" / "particles.star"),
-                "--volume",
-                str(tmp_path / "none.mrc"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 1
-    )
-    assert "none.mrc: file not found" in capsys.readouterr().err and not out.exists()
-    assert (
-        cli(
-            [
-                "refine",
-                "--star",
-                str(tmp_path / "sim" / "particles.star"),
-                "--volume",
-                str(tmp_path / "sim" / "volume.mrc"),
-                "--out",
-                str(out),
-                "--refine-step",
-                "0",
-            ]
-        )
-        == 1
-    )
-    assert "--refine-step" in capsys.readouterr().err and not out.exists()
+    cases = [
+        (tmp_path / "bare.star", good_map, [], "has no poses"),
+        (good_star, tmp_path / "none.mrc", [], "none.mrc: file not found"),
+        (good_star, good_map, ["--refine-step", "0"], "--refine-step"),
+        (tmp_path / "text.star", good_map, [], f"text.star: non-numeric values in {star.EXPECTED_ERROR}"),
+    ]
+    for star_file, volume_file, extra, message in cases:
+        status = cli(["refine", "--star", str(star_file), "--volume", str(volume_file), "--out", str(out), *extra])
+        error = capsys.readouterr().err
+        assert status == 1 and message in error and len(error.strip().splitlines()) == 1, error
+        assert not out.exists()
 
 
 def test_images_the_map_cannot_explain_score_as_junk(tmp_path):

@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     OutputGuard().protect_particles(particles).protect(args.volume, "the reference map").check_file(args.out)
     volume, _ = load_volume(args.volume, pixel_size=particles.pixel_size, size=particles.box_size, center=False)
     started = time.perf_counter()
-    widths, settings = search_widths(particles.table, settings)
+    widths, settings = search_widths(particles.table, settings, str(args.star))
     table = refine_particles(particles, volume, particles.quaternions(), widths, settings=settings)
     seconds = time.perf_counter() - started
     particles.write_star(args.out, columns=table)

@@ -74,10 +74,10 @@ def scores_from_table(
             raise CryoForumError(
                 f"{source}: no {star.FIT_JUNK_SCORE} column; refine the poses first (cryo-forum refine)"
             )
-        scores = _numeric(table, [star.FIT_JUNK_SCORE], source)[:, 0]
+        scores = numeric_columns(table, [star.FIT_JUNK_SCORE], source)[:, 0]
         return np.where(np.isfinite(scores), scores, np.nan)
     if all(column in table for column in star.EIGENVALUES):
-        values = _numeric(table, list(star.EIGENVALUES), source)
+        values = numeric_columns(table, list(star.EIGENVALUES), source)
         scores = np.full(len(table), np.nan)
         finite = np.isfinite(values).all(axis=1)
         scores[finite] = uncertainty.SCORES[metric](values[finite])
@@ -86,7 +86,7 @@ def scores_from_table(
     fallback = FALLBACK_COLUMNS.get(metric)
     if fallback is not None and fallback[0] in table:
         column, sign = fallback
-        scores = sign * _numeric(table, [column], source)[:, 0]
+        scores = sign * numeric_columns(table, [column], source)[:, 0]
         return np.where(np.isfinite(scores), scores, np.nan)
     alternative = f" or {fallback[0]}" if fallback else ""
     raise CryoForumError(
@@ -97,17 +97,18 @@ def scores_from_table(
 
 def _junk_scores(table: pd.DataFrame, source: str, calibration: dict | None) -> np.ndarray:
     if star.JUNK_SCORE in table:
-        return _numeric(table, [star.JUNK_SCORE], source)[:, 0]
+        return numeric_columns(table, [star.JUNK_SCORE], source)[:, 0]
     if calibration is None or "directional" not in calibration:
         raise CryoForumError(
             f"{source}: no {star.JUNK_SCORE} column, and no run calibration with a directional model to compute it"
         )
     expected = scores_from_table(table, "expected_error_deg", source)
-    quaternions = geometry.euler_to_quaternion(_numeric(table, list(star.ANGLES), source))
+    quaternions = geometry.euler_to_quaternion(numeric_columns(table, list(star.ANGLES), source))
     return junk_scores(expected, quaternions, calibration["directional"])
 
 
-def _numeric(table: pd.DataFrame, columns: list[str], source: str) -> np.ndarray:
+def numeric_columns(table: pd.DataFrame, columns: list[str], source: str) -> np.ndarray:
+    """The values of ``columns`` as float64 [N, len(columns)]; CryoForumError naming ``source`` if one holds text."""
     try:
         return table[columns].to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
@@ -193,7 +194,7 @@ def calibrate(
         n = len(predictions)
         directional = None
         if "expected_error_deg" in scores and all(column in predictions for column in star.ANGLES):
-            quaternions = geometry.euler_to_quaternion(_numeric(predictions, list(star.ANGLES), source))
+            quaternions = geometry.euler_to_quaternion(numeric_columns(predictions, list(star.ANGLES), source))
             directional = directional_model(scores["expected_error_deg"], quaternions, symmetry)
             scores[JUNK_SCORE] = junk_scores(scores["expected_error_deg"], quaternions, directional)
     else:

@@ -28,6 +28,7 @@ from cryo_forum import geometry
 from cryo_forum.io import star
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.particle_ctf import ParticleCTFs
+from cryo_forum.prediction.calibration import numeric_columns
 from cryo_forum.prediction.directional import view_model, view_z_scores
 from cryo_forum.prediction.matching import ProjectionMatcher, particle_spectra, shell_noise_power
 from cryo_forum.prediction.refine_settings import RefineSettings
@@ -181,14 +182,18 @@ def refine_particles(
     return table
 
 
-def search_widths(table: pd.DataFrame, settings: RefineSettings) -> tuple[np.ndarray, RefineSettings]:
+def search_widths(
+    table: pd.DataFrame, settings: RefineSettings, source: str = "the predictions"
+) -> tuple[np.ndarray, RefineSettings]:
     """What sets each particle's search radius, from a table of predictions: the calibrated 90 % bound
     (_cfErrorBound90Deg, searched out to it) when there is one, else the expected error (_cfExpectedErrorDeg, times
-    ``radius_per_error``), else NaN (a global search). Returns the values [N] and the settings to use."""
+    ``radius_per_error``), else NaN (a global search). Returns the values [N] and the settings to use; a column
+    holding text is a CryoForumError naming ``source``."""
     if star.ERROR_BOUND in table:
-        return table[star.ERROR_BOUND].to_numpy(np.float64), dataclasses.replace(settings, radius_per_error=1.0)
+        bounds = numeric_columns(table, [star.ERROR_BOUND], source)[:, 0]
+        return bounds, dataclasses.replace(settings, radius_per_error=1.0)
     if star.EXPECTED_ERROR in table:
-        return table[star.EXPECTED_ERROR].to_numpy(np.float64), settings
+        return numeric_columns(table, [star.EXPECTED_ERROR], source)[:, 0], settings
     return np.full(len(table), np.nan), settings
 
 
