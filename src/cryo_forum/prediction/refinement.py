@@ -110,8 +110,9 @@ def _pattern(step: float) -> np.ndarray:
 
 
 def _vertex(centres, best, around, step: float) -> tuple[np.ndarray, np.ndarray]:
-    """The final poses [b, 4] and their expected errors [b] (degrees) from the last stage's scores ``around`` [b, 7]
-    of the pattern about ``centres`` [b, 4] (:func:`geometry.axis_rotation_offsets`).
+    """The final poses [b, 4] and their expected errors [b] (degrees) from the last stage's scores ``around`` [b, 27]
+    of :func:`_pattern` about ``centres`` [b, 4], whose first seven are the axis pattern
+    (:func:`geometry.axis_rotation_offsets`).
 
     Where the centre scores best, the pose moves to the vertex of the parabola through each axis's three scores;
     elsewhere it is the best neighbour ``best``. The score s is the whitened correlation in units of the noise, so
