@@ -85,7 +85,8 @@ def check_run_map(run: Path, volume: Path) -> None:
     """Stop unless the run kept in ``run`` trains from ``volume`` (the same bytes), so resuming it is the same run."""
     from cryo_forum.training.config import TrainingConfig
 
-    trained_from = TrainingConfig.load(run / "config.yaml").volume
+    config = TrainingConfig.load(run / "config.yaml")
+    trained_from = config.data.volume if config.mode == "map" else None
     if trained_from is None or not same_map(Path(trained_from), volume):
         raise SystemExit(f"{run} trains from {trained_from}, not from {volume}: delete it or choose another --out")
 

@@ -27,6 +27,7 @@ GENERATED = {"__pycache__", ".ipynb_checkpoints", "notebook_runs"}
 SIMULATING = {
     "bench/accuracy.py": benchmark_map_path(),
     "bench/accuracy_vs_snr.py": benchmark_map_path(),
+    "bench/design_choices.py": benchmark_map_path(),
     "bench/realistic.py": benchmark_map_path(),
     "bench/scaling.py": example_map_path(),
     "bench/throughput.py": example_map_path(),

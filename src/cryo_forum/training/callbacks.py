@@ -88,7 +88,7 @@ class TrainingState(keras.callbacks.Callback):
             )
         value = logs.get(MONITOR, np.nan)
         state = self.state
-        state["history"].append({"epoch": epoch, **logs})
+        state["history"].append({"epoch": epoch, **logs, "seconds": time.monotonic() - self._started})
         improved = np.isfinite(value) and (state["best"] is None or value < state["best"])
         if improved:
             state["best"], state["best_epoch"] = value, epoch

@@ -216,7 +216,8 @@ class Run:
                 shutil.rmtree(item, ignore_errors=True)
 
     def write_history(self, rows: list[dict[str, float]]) -> None:
-        """history.csv: one row per completed epoch, columns ``epoch`` then the logged values."""
+        """history.csv: one row per completed epoch, columns ``epoch`` then the logged values (``seconds``: the
+        epoch's wall time, its validation pass included)."""
         columns = ["epoch", *sorted({key for row in rows for key in row} - {"epoch"})]
         lines = [",".join(columns)]
         lines += [",".join(_csv_value(row.get(column)) for column in columns) for row in rows]
