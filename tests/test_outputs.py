@@ -245,6 +245,7 @@ def test_predict_refines_against_a_given_map_and_refuses_a_missing_one(particles
     network, refined = tmp_path / "network.star", tmp_path / "refined.star"
     assert main([*argv, "--out", str(network)]) == 0  # a run trained without pre-training has no map of its own
     assert main([*argv, "--out", str(refined), "--refine", str(particles.parent / "volume.mrc")]) == 0
+    assert not (tmp_path / "refined.star.partial").exists()  # the refinement's finished blocks go with the output
     truth = ParticleSet.open(particles).quaternions()
 
     def median_error(path):

@@ -66,6 +66,40 @@ def test_an_unsure_particle_gets_the_wider_search(simulated):
     assert np.median(_errors(unsure, particles)[0]) < 1.5
 
 
+def test_an_interrupted_refinement_resumes_with_the_blocks_it_finished(simulated, tmp_path, monkeypatch):
+    from cryo_forum.prediction import refinement
+
+    particles, volume = simulated
+    start = _rotated_away(particles.quaternions(), 4.0, 5)
+    widths = np.full(len(particles), 3.0)
+    settings = RefineSettings(batch_size=8)
+    monkeypatch.setattr(refinement, "CHECKPOINT_PARTICLES", 8)  # 5 blocks of one batch
+    calls = []
+    original = refinement.LocalRefiner.refine
+
+    def interrupted_at_third(self, indices, *rest):
+        calls.append(indices[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, indices, *rest)
+
+    monkeypatch.setattr(refinement.LocalRefiner, "refine", interrupted_at_third)
+    partial = tmp_path / "refined.star.partial"
+    with pytest.raises(KeyboardInterrupt):
+        refine_particles(particles, volume, start, widths, settings=settings, progress=False, partial=partial)
+    assert len(list(partial.glob("block-*.npz"))) == 2
+    calls.clear()
+    monkeypatch.setattr(refinement.LocalRefiner, "refine", lambda self, *a: calls.append(a[0][0]) or original(self, *a))
+    resumed = refine_particles(particles, volume, start, widths, settings=settings, progress=False, partial=partial)
+    assert calls == [16, 24, 32]  # only the blocks not kept
+    whole = refine_particles(particles, volume, start, widths, settings=settings, progress=False)
+    np.testing.assert_allclose(resumed.to_numpy(dtype=np.float64), whole.to_numpy(dtype=np.float64), atol=1e-9)
+    calls.clear()
+    elsewhere = _rotated_away(particles.quaternions(), 4.0, 6)  # other inputs: nothing kept applies
+    refine_particles(particles, volume, elsewhere, widths, settings=settings, progress=False, partial=partial)
+    assert calls == [0, 8, 16, 24, 32]
+
+
 def test_search_widths_follow_the_expected_error():
     settings = RefineSettings()
     first = settings.first_stages(np.array([0.5, 2.0, 6.0, 14.0, 40.0, np.nan]))
@@ -102,6 +136,7 @@ def test_refine_command_writes_refined_columns_and_keeps_the_rest(simulated, tmp
         == 0
     )
     assert "refined 40 particles" in capsys.readouterr().out
+    assert not (tmp_path / "refined.star.partial").exists()  # the finished blocks go once the output is whole
     refined = ParticleSet.open(out)
     angles, _ = _errors(refined.table, particles)
     assert np.median(angles) < 1.0

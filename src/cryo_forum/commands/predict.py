@@ -15,7 +15,8 @@ The network's poses and origins are then finished by a local search against the 
 one (--refine MAP: another map; --no-refine: the network's own), as `cryo-forum refine` does: the refined angles
 and origins, _cfMatchScore, _cfFitJunkScore (how badly the map explains the image, a directional z-score:
 the recommended junk score after refinement), _cfRefinedErrorDeg and, when the run calibrated it,
-_cfRefinedBound90Deg are written; the network's uncertainty columns are kept.
+_cfRefinedBound90Deg are written; the network's uncertainty columns are kept. Refined particles are kept in
+OUT.partial/ as they finish, so the same command, interrupted, resumes the refinement where it stopped.
 A warning is logged when the predicted viewing directions collapse onto a few views.
 
 Examples:
@@ -26,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from cryo_forum.commands.refine import add_refine_options, settings_from
@@ -107,6 +109,7 @@ def main(args: argparse.Namespace) -> int:
     from cryo_forum.io import star
     from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.maps import load_volume
+    from cryo_forum.io.partial import PartialResults
     from cryo_forum.io.particles import ParticleSet
 
     if args.batch_size < 1:
@@ -141,12 +144,14 @@ def main(args: argparse.Namespace) -> int:
         centring=Centring.for_particles(particles, preprocessor, run.load_origin_spread(), args.max_shift),
     )
     _add_calibrated_columns(table, run)  # the network's bound sets how wide refinement searches
+    partial = PartialResults.beside(args.out)
     if refine_path:
-        table = _refined(table, particles, indices, refine_path, refine_settings)
+        table = _refined(table, particles, indices, refine_path, refine_settings, partial)
         _add_calibrated_columns(table, run)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
     particles.write_star(args.out, columns=table, keep=indices)
+    shutil.rmtree(partial, ignore_errors=True)
     print(f"predicted {len(table)} particles -> {args.out}")
     return 0
 
@@ -164,8 +169,9 @@ def _refine_map(args: argparse.Namespace, run) -> Path | None:
     return args.refine
 
 
-def _refined(table, particles, indices, path: Path, settings):
-    """The predictions with poses and origins refined against the map at ``path`` (other columns kept)."""
+def _refined(table, particles, indices, path: Path, settings, partial: Path):
+    """The predictions with poses and origins refined against the map at ``path`` (other columns kept), the
+    refined particles kept in ``partial`` as they finish."""
     import numpy as np
 
     from cryo_forum.geometry import euler_to_quaternion
@@ -183,7 +189,7 @@ def _refined(table, particles, indices, path: Path, settings):
         origins = None
     errors, settings = search_widths(table, settings)
     quaternions = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(np.float64))
-    refined = refine_particles(chosen, volume, quaternions, errors, origins, settings)
+    refined = refine_particles(chosen, volume, quaternions, errors, origins, settings, partial=partial)
     for column in refined:
         table[column] = refined[column].to_numpy()
     return table

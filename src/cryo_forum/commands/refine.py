@@ -13,6 +13,7 @@ rlnOriginX/YAngst, _cfMatchScore (larger = better fit), _cfFitJunkScore (how bad
 directional z-score; `cryo-forum filter --metric fit_junk_score --threshold 3`) and _cfRefinedErrorDeg, the refined
 pose's expected error from the sharpness of its fit (it leaves out the map's own errors, so with a map from the
 data set itself it is smaller than the true error).
+Refined particles are kept in OUT.partial/ as they finish: the same command, interrupted, resumes where it stopped.
 
 Example:
   cryo-forum refine --star predicted.star --volume run1/reference.mrc --out refined.star
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -90,6 +92,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from cryo_forum.io.guard import OutputGuard
     from cryo_forum.io.maps import load_volume
+    from cryo_forum.io.partial import PartialResults
     from cryo_forum.io.particles import ParticleSet
     from cryo_forum.prediction.refinement import refine_particles, search_widths
 
@@ -106,8 +109,10 @@ def main(args: argparse.Namespace) -> int:
     volume, _ = load_volume(args.volume, pixel_size=particles.pixel_size, size=particles.box_size, center=False)
     started = time.perf_counter()
     widths, settings = search_widths(particles.table, settings, str(args.star))
-    table = refine_particles(particles, volume, particles.quaternions(), widths, settings=settings)
+    partial = PartialResults.beside(args.out)
+    table = refine_particles(particles, volume, particles.quaternions(), widths, settings=settings, partial=partial)
     seconds = time.perf_counter() - started
     particles.write_star(args.out, columns=table)
+    shutil.rmtree(partial, ignore_errors=True)
     print(f"refined {len(table)} particles in {seconds:.1f} s ({seconds / len(table) * 1e3:.0f} ms each) -> {args.out}")
     return 0

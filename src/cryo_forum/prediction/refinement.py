@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cryo_forum import geometry
 from cryo_forum.io import star
+from cryo_forum.io.partial import PartialResults, fingerprint
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.particle_ctf import ParticleCTFs
 from cryo_forum.prediction.calibration import numeric_columns
@@ -41,6 +43,9 @@ RESIDUAL_BAND = 1 / 8  # cycles per box pixel: four per particle diameter in a b
 IDENTITY = np.array([[0.0, 0.0, 0.0, 1.0]])
 FIT_JUNK_THRESHOLD = 3.0  # the recommended cut of misfit_scores: 3 robust standard deviations beyond the view's
 FLAT_ERROR_DEG = 120.0  # the expected error of a random pose (uncertainty.expected_error_deg of a flat belief)
+CHECKPOINT_PARTICLES = 1024  # particles refined between two saves of a resumable refinement
+# what LocalRefiner.refine returns per particle, in its order, and the shape of each
+REFINED_ARRAYS = {"poses": (4,), "origins": (2,), "scores": (), "errors": (), "residuals": ()}
 GAUSSIAN_BOUND_90 = 1.4435  # 90 % of an isotropic 3-D Gaussian's draws lie within 1.4435 x its RMS (chi2_3)
 
 
@@ -143,6 +148,7 @@ def refine_particles(
     origins: np.ndarray | None = None,
     settings: RefineSettings | None = None,
     progress: bool = True,
+    partial: Path | None = None,
 ) -> pd.DataFrame:
     """The refined STAR columns of every particle, started from poses ``quaternions`` [N, 4], origins [N, 2]
     (px; default the set's, zero where none) and the network's ``expected_error_deg`` [N] (NaN: unknown,
@@ -150,37 +156,60 @@ def refine_particles(
 
     The table holds the angles, the origins (the set's layout), _cfMatchScore, _cfRefinedErrorDeg (the refined
     pose's expected error, see :func:`_vertex`), _cfRefinedBound90Deg (the 90 % bound that error implies for a
-    Gaussian posterior) and _cfFitJunkScore.
+    Gaussian posterior) and _cfFitJunkScore. With a ``partial`` folder every CHECKPOINT_PARTICLES particles are
+    kept there as they finish (:class:`~cryo_forum.io.partial.PartialResults`), and a call with the same inputs
+    refines only the particles not yet kept; the caller removes the folder once the output is written.
     """
     from cryo_forum.prediction.predict import origin_columns
 
     settings = settings or RefineSettings()
     refiner = LocalRefiner(particles, volume, settings)
     first = settings.first_stages(expected_error_deg)
+    if origins is None:
+        origins = particles.shifts_px() if particles.has_origins else np.zeros((len(particles), 2))
+    origins = np.asarray(origins, dtype=np.float64)
+    kept = None
+    if partial is not None:
+        names = particles.table[star.IMAGE_NAME].to_numpy(dtype=str) if star.IMAGE_NAME in particles.table else None
+        key = fingerprint(np.asarray(quaternions), first, origins, np.asarray(volume), names, settings)
+        kept = PartialResults(partial, key)
+    block = max(1, CHECKPOINT_PARTICLES // settings.batch_size) * settings.batch_size
     log.info(
         f"refining {len(particles)} particles: {np.mean(first < 0) * 100:.0f} % searched globally first, "
         f"stages from {refiner.steps[0]:.1f} to {refiner.steps[-1]:.2f} deg"
+        + (f"; {kept.finished() * block} already refined" if kept is not None and kept.finished() else "")
     )
-    if origins is None:
-        origins = particles.shifts_px() if particles.has_origins else np.zeros((len(particles), 2))
-    poses, moved = np.zeros((len(particles), 4)), np.zeros((len(particles), 2))
-    scores, errors, residuals = np.zeros(len(particles)), np.zeros(len(particles)), np.zeros(len(particles))
+    results = {name: np.zeros((len(particles), *shape)) for name, shape in REFINED_ARRAYS.items()}
     with progress_bar(len(particles), description="refine", enabled=progress) as bar:
-        for begin in range(0, len(particles), settings.batch_size):
-            rows = np.arange(begin, min(begin + settings.batch_size, len(particles)))
-            poses[rows], moved[rows], scores[rows], errors[rows], residuals[rows] = refiner.refine(
-                rows, quaternions[rows], origins[rows], first[rows]
-            )
+        for begin in range(0, len(particles), block):
+            rows = np.arange(begin, min(begin + block, len(particles)))
+            done = kept.load(begin) if kept is not None else None
+            if done is None:
+                done = _refine_block(refiner, rows, quaternions, origins, first, settings.batch_size)
+                if kept is not None:
+                    kept.save(begin, done)
+            for name, values in done.items():
+                results[name][rows] = values
             bar.update(len(rows))
+    poses, errors = results["poses"], results["errors"]
     euler = geometry.quaternion_to_euler(poses)
     table = pd.DataFrame({star.ANGLE_ROT: euler[:, 0], star.ANGLE_TILT: euler[:, 1], star.ANGLE_PSI: euler[:, 2]})
-    for column, values in origin_columns(particles, moved).items():
+    for column, values in origin_columns(particles, results["origins"]).items():
         table[column] = values
-    table[star.MATCH_SCORE] = scores
+    table[star.MATCH_SCORE] = results["scores"]
     table[star.REFINED_ERROR] = errors
     table[star.REFINED_BOUND] = GAUSSIAN_BOUND_90 * errors  # the fit's own; a run's calibration replaces it
-    table[star.FIT_JUNK_SCORE] = misfit_scores(scores, residuals, poses, settings.symmetry)
+    table[star.FIT_JUNK_SCORE] = misfit_scores(results["scores"], results["residuals"], poses, settings.symmetry)
     return table
+
+
+def _refine_block(refiner, rows, quaternions, origins, first, batch_size) -> dict[str, np.ndarray]:
+    """The refined arrays (REFINED_ARRAYS) of particles ``rows``, ``batch_size`` at a time."""
+    parts = []
+    for begin in range(0, len(rows), batch_size):
+        batch = rows[begin : begin + batch_size]
+        parts.append(refiner.refine(batch, quaternions[batch], origins[batch], first[batch]))
+    return {name: np.concatenate([part[n] for part in parts]) for n, name in enumerate(REFINED_ARRAYS)}
 
 
 def search_widths(
