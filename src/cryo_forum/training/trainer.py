@@ -247,37 +247,37 @@ def calibrate_on_validation(run: Run) -> None:
         table[OUTLIER] = truth[OUTLIER].to_numpy()
     calibration = calibrate(table, errors_deg=errors, symmetry=config.symmetry)
     if run.file(REFERENCE_NAME).exists() and EXPECTED_ERROR in table:
-        bounds, fit_entry = _refined_calibration(run, particles, indices, table, truth, errors, config)
+        bounds, fit_entry = _refined_calibration(run, particles, indices, table, truth, errors, config, calibration)
         calibration["bound_90"] = bounds
         calibration["metrics"][FIT_JUNK_METRIC] = fit_entry
     path = run.save_calibration(calibration)
     log.info(f"uncertainty calibrated on {len(table)} validation particles: {path}")
 
 
-def _refined_calibration(run: Run, particles, indices, table, truth, errors, config) -> tuple[dict, dict]:
+def _refined_calibration(run: Run, particles, indices, table, truth, errors, config, calibration) -> tuple[dict, dict]:
     """From the validation particles refined against the run's reference: the 90 % bound factors of the network's
     and the refined expected errors (on the particles the fit junk score keeps, because the unflagged junk of a
-    consensus set has random poses that no error estimate should cover), and the fit junk score's calibration."""
+    consensus set has random poses that no error estimate should cover), and the fit junk score's calibration.
+
+    The particles are searched as ``predict`` searches them: out to the network's 90 % bound of ``calibration``."""
     import numpy as np
 
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io.maps import load_volume
-    from cryo_forum.io.star import ANGLES, EXPECTED_ERROR, FIT_JUNK_SCORE, REFINED_ERROR
-    from cryo_forum.prediction.calibration import bound_factor, metric_entry, pose_errors_deg
+    from cryo_forum.io.star import ANGLES, ERROR_BOUND, EXPECTED_ERROR, FIT_JUNK_SCORE, REFINED_ERROR
+    from cryo_forum.prediction.calibration import bound_factor, error_bounds, metric_entry, pose_errors_deg
     from cryo_forum.prediction.refine_settings import RefineSettings
-    from cryo_forum.prediction.refinement import FIT_JUNK_THRESHOLD, refine_particles
+    from cryo_forum.prediction.refinement import FIT_JUNK_THRESHOLD, refine_particles, search_widths
 
     chosen = particles if indices is None else particles.subset(indices)
     volume, _ = load_volume(run.file(REFERENCE_NAME), chosen.pixel_size, chosen.box_size, center=False)
     poses = euler_to_quaternion(table[list(ANGLES)].to_numpy(np.float64))
-    refined = refine_particles(
-        chosen,
-        volume,
-        poses,
-        table[EXPECTED_ERROR].to_numpy(np.float64),
-        settings=RefineSettings(symmetry=config.symmetry),
-        progress=False,
-    )
+    searched = table.copy()
+    network_bounds = error_bounds(calibration, "network", table[EXPECTED_ERROR])
+    if network_bounds is not None:
+        searched[ERROR_BOUND] = network_bounds
+    widths, settings = search_widths(searched, RefineSettings(symmetry=config.symmetry), "the validation predictions")
+    refined = refine_particles(chosen, volume, poses, widths, settings=settings, progress=False)
     fit = refined[FIT_JUNK_SCORE].to_numpy()
     kept = fit <= FIT_JUNK_THRESHOLD
     refined_errors = pose_errors_deg(refined, truth, config.symmetry)
