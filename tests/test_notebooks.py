@@ -19,7 +19,7 @@ PRODUCTS = {
     ],
     "03_symmetry": ["symmetry/d2_map.mrc"],
     "04_uncertainty": ["run/calibration.json", "predicted.star", "kept.star", "kept70.star"],
-    "05_design_choices": ["design_choices.csv"],
+    "05_design_choices": ["design_choices.csv", "design_choices.png", "runs/pooling_max/seed0/record.json"],
 }
 
 

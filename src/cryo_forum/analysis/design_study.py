@@ -247,7 +247,7 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per choice (in the records' order): the mean and standard deviation over seeds of the median and
-    mean error and of the share within 5 deg, seconds per epoch, epochs and parameters, and a verdict against
+    mean error and of the share within 5 deg, the median seconds per epoch, epochs and parameters, and a verdict against
     the default: ``better`` or ``worse`` when the mean median error differs from the default's by more than twice
     the standard error of the difference, else ``within spread`` (``one seed`` when either has a single seed)."""
     order = list(dict.fromkeys(record["choice"] for record in records))
@@ -259,7 +259,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = np.array([record[key] for record in runs])
             row[key] = float(values.mean())
             row[key.replace("_deg", "") + "_spread"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-        row["seconds_per_epoch"] = float(np.mean([record["seconds_per_epoch"] for record in runs]))
+        row["seconds_per_epoch"] = float(np.median([record["seconds_per_epoch"] for record in runs]))
         row["epochs"] = runs[0]["epochs"]
         row["parameters"] = runs[0]["parameters"]
         rows.append(row)
@@ -283,6 +283,7 @@ def study_figure(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Median test error (mean over seeds, bars: their standard deviation) against seconds per epoch, and per
     choice as bars; the default's level dashed."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     from cryo_forum.analysis.plots import save_png
 
@@ -299,6 +300,8 @@ def study_figure(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     for factor, colour in colours.items():
         cost.scatter([], [], color=colour, label=factor)
     cost.set_xscale("log")
+    cost.xaxis.set_major_formatter(ScalarFormatter())
+    cost.xaxis.set_minor_formatter(NullFormatter())
     cost.set_xlabel("seconds per epoch (log)")
     cost.set_ylabel("median test error (deg), mean +- sd over seeds")
     cost.legend(fontsize=7)
