@@ -1,7 +1,7 @@
 """The design-choice study: every encoder design choice varied one at a time from the defaults, at an equal
 wall-clock budget and several seeds, on the 5J0N benchmark at SNR 0.1.
 
-  python bench/design_choices.py                  # every choice, 3 seeds, 120 s of training each (~2 h on 2 cores)
+  python bench/design_choices.py                  # every choice, 3 seeds, 90 s of training each (~1.8 h on 2 cores)
   python bench/design_choices.py --choices head   # the default and the other heads only
   python bench/design_choices.py --quick          # a smoke test: 32 px, one short epoch, 2 seeds
 
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_volume_option(parser, benchmark_map_path(), "the package's 5J0N map")
     parser.add_argument("--snr", type=float, default=0.1)
-    parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per run (default %(default)s)")
+    parser.add_argument("--budget", type=float, default=90.0, help="seconds of training per run (default %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per choice (default %(default)s)")
     parser.add_argument("--choices", nargs="+", metavar="NAME", help="choices or factors to compare with the default")
     parser.add_argument("--particles-per-epoch", type=int, default=2000)

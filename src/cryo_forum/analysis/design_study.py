@@ -3,10 +3,11 @@ the same wall-clock budget with several seeds and tested on one held-out set.
 
 A budget in seconds becomes a number of epochs per choice (:func:`epochs_for_budget`) from the seconds its epochs
 take (a short probe run, :func:`seconds_per_epoch`), so every choice then trains a fixed length with its full
-learning-rate decay, whatever else the machine does meanwhile. Each (choice, seed) is one run folder whose
+learning-rate decay. The probe's timing is only fair on an otherwise idle machine; the runs after it are not
+affected by what else the machine does. Each (choice, seed) is one run folder whose
 ``record.json`` is written last: a study interrupted at any point resumes where it stopped
 (:func:`run_study`). :func:`summarise` gives the spread over seeds and judges each choice against the default by
-it; :func:`study_figure` plots error against cost. ``bench/design_choices.py`` runs it; notebook 05 reads it.
+it; :func:`study_figure` plots error against cost. ``bench/design_choices.py`` and notebook 05 run it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,7 +125,7 @@ class StudySettings:
 
     base: dict[str, Any]
     seeds: tuple[int, ...] = (0, 1, 2)
-    budget_seconds: float | None = 120.0
+    budget_seconds: float | None = 90.0
     epochs: int | None = None
 
 
@@ -190,8 +192,6 @@ def _budget_epochs(choice: Choice, settings: StudySettings, folder: Path) -> int
 
 
 def _fresh(run: Path) -> None:
-    import shutil
-
     shutil.rmtree(run, ignore_errors=True)
     run.parent.mkdir(parents=True, exist_ok=True)
 

@@ -27,7 +27,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from cryo_forum.commands.refine import add_refine_options, settings_from
@@ -151,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
     particles.write_star(args.out, columns=table, keep=indices)
-    shutil.rmtree(partial, ignore_errors=True)
+    PartialResults.discard(partial)
     print(f"predicted {len(table)} particles -> {args.out}")
     return 0
 

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -113,6 +112,6 @@ def main(args: argparse.Namespace) -> int:
     table = refine_particles(particles, volume, particles.quaternions(), widths, settings=settings, partial=partial)
     seconds = time.perf_counter() - started
     particles.write_star(args.out, columns=table)
-    shutil.rmtree(partial, ignore_errors=True)
+    PartialResults.discard(partial)
     print(f"refined {len(table)} particles in {seconds:.1f} s ({seconds / len(table) * 1e3:.0f} ms each) -> {args.out}")
     return 0

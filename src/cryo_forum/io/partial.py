@@ -72,5 +72,7 @@ class PartialResults:
         """How many blocks are finished."""
         return len(list(self.folder.glob("block-*.npz")))
 
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+    @staticmethod
+    def discard(folder: str | Path) -> None:
+        """Remove a partial folder (once the output it was kept for is written); nothing if there is none."""
+        shutil.rmtree(folder, ignore_errors=True)

@@ -177,7 +177,7 @@ def refine_particles(
     log.info(
         f"refining {len(particles)} particles: {np.mean(first < 0) * 100:.0f} % searched globally first, "
         f"stages from {refiner.steps[0]:.1f} to {refiner.steps[-1]:.2f} deg"
-        + (f"; {kept.finished() * block} already refined" if kept is not None and kept.finished() else "")
+        + (f"; {kept.finished()} blocks of {block} already refined" if kept is not None and kept.finished() else "")
     )
     results = {name: np.zeros((len(particles), *shape)) for name, shape in REFINED_ARRAYS.items()}
     with progress_bar(len(particles), description="refine", enabled=progress) as bar:
