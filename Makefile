@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(BIN)/cryo-forum demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# two workers, one per core; a file's tests stay on one worker, so module fixtures are built once
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests data_prep bench

@@ -31,7 +31,7 @@ setup(
         "tensorflow-graphics==2021.12.3",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
     },
     entry_points={"console_scripts": ["cryo-forum=cryo_forum.cli:main"]},
 )
