@@ -53,14 +53,16 @@ def test_a_particle_8_degrees_and_2_px_away_is_recovered(simulated):
 
 
 def test_an_unsure_particle_gets_the_wider_search(simulated):
-    """20 degrees off: the search a sure network (2 degrees) earns stays near the wrong start, an unsure one's
-    (15 degrees) reaches the truth."""
+    """40 degrees off: the search a sure network (2 degrees) earns cannot reach that far (its stages' steps add up
+    to less), an unsure one's (20 degrees: a radius beyond global_above_deg, so a global search first) finds it."""
     particles, volume = simulated
-    start = _rotated_away(particles.quaternions(), 20.0, 2)
+    start = _rotated_away(particles.quaternions(), 40.0, 2)
     settings = RefineSettings(shift_px=0.0)
+    reach = settings.iterations * settings.steps()[settings.first_stages(np.array([2.0]))[0] :].sum()
+    assert reach < 30.0
     sure = refine_particles(particles, volume, start, np.full(len(particles), 2.0), settings=settings, progress=False)
     unsure = refine_particles(
-        particles, volume, start, np.full(len(particles), 15.0), settings=settings, progress=False
+        particles, volume, start, np.full(len(particles), 20.0), settings=settings, progress=False
     )
     assert np.median(_errors(sure, particles)[0]) > 10.0
     assert np.median(_errors(unsure, particles)[0]) < 1.5
@@ -156,9 +158,9 @@ def test_refine_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsy
     good_star, good_map = tmp_path / "sim" / "particles.star", tmp_path / "sim" / "volume.mrc"
     out = tmp_path / "refined.star"
     cases = [
-        (tmp_path / "bare.star", good_map, [], "has no poses"),
         (good_star, tmp_path / "none.mrc", [], "none.mrc: file not found"),
         (good_star, good_map, ["--refine-step", "0"], "--refine-step"),
+        (good_star, good_map, ["--mask", str(tmp_path / "no_mask.mrc")], "--mask: "),
         (tmp_path / "text.star", good_map, [], f"text.star: non-numeric values in {star.EXPECTED_ERROR}"),
     ]
     for star_file, volume_file, extra, message in cases:
@@ -166,6 +168,24 @@ def test_refine_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsy
         error = capsys.readouterr().err
         assert status == 1 and message in error and len(error.strip().splitlines()) == 1, error
         assert not out.exists()
+
+
+def test_particles_without_poses_are_searched_globally(simulated, tmp_path):
+    """`refine` on particles that were never aligned: the global grid, then the local fit (match's search with
+    refinement's finish)."""
+    particles, volume = simulated
+    from cryo_forum.io.mrc import write_volume
+    from cryo_forum.io.star import write_star
+
+    write_star(tmp_path / "bare.star", {"particles": particles.table.drop(columns=list(star.ANGLES))})
+    write_volume(tmp_path / "map.mrc", volume, particles.pixel_size)
+    out = tmp_path / "refined.star"
+    assert (
+        cli(["refine", "--star", str(tmp_path / "bare.star"), "--volume", str(tmp_path / "map.mrc"), "--out", str(out)])
+        == 0
+    )
+    angles, shifts = _errors(ParticleSet.open(out).table, particles)
+    assert np.median(angles) < 1.0 and np.median(shifts) < 0.3
 
 
 def test_images_the_map_cannot_explain_score_as_junk(tmp_path):

@@ -70,3 +70,24 @@ def test_whole_slices_hold_the_coefficients_below_nyquist_and_are_hermitian(size
     column = slices[:, :, 0]  # kx = 0 holds each coefficient and its mirror: F(0, -ky) = conj F(0, ky)
     mirrored = np.conj(column[:, (-np.arange(size)) % size])
     np.testing.assert_allclose(column, mirrored, atol=1e-4 * np.abs(column).max())
+
+
+def test_the_gradient_read_with_a_slice_is_the_interpolants_own():
+    """Moving an image frequency by a small step along kx (or ky) moves the map's frequency along A[0] (or
+    A[1]): the change of the read value is the gradient along that direction, within a cell exactly."""
+    rng = np.random.default_rng(5)
+    table = SpectrumTable([rng.standard_normal((16,) * 3)])
+    matrices = geometry.quaternion_to_matrix(geometry.random_quaternions(3, rng)).astype(np.float32)
+    frequencies = rng.uniform(-6.0, 6.0, size=(200, 2))
+    values, gradients = (part.numpy().astype(np.complex128) for part in table.read_with_gradient(matrices, frequencies))
+    np.testing.assert_allclose(values, table.read(matrices, frequencies).numpy(), atol=1e-5)
+    step = 2e-3
+    for axis in range(2):
+        offset = np.zeros(2)
+        offset[axis] = step
+        ahead = table.read(matrices, frequencies + offset).numpy().astype(np.complex128)
+        behind = table.read(matrices, frequencies - offset).numpy().astype(np.complex128)
+        measured = (ahead - behind) / (2 * step)
+        expected = np.einsum("nkc,nc->nk", gradients, matrices[:, axis, :])
+        close = np.abs(measured - expected) <= 0.02 * np.abs(expected).max()
+        assert close.mean() > 0.95, close.mean()  # the few straddling a cell's face see two gradients

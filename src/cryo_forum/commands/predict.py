@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryo_forum.commands.refine import add_refine_options, settings_from
+from cryo_forum.commands.refine import add_refine_options, mask_file, settings_from
 from cryo_forum.errors import CryoForumError
 
 SUBSETS = ("all", "train", "val", "test")
@@ -107,9 +107,9 @@ def main(args: argparse.Namespace) -> int:
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io import star
     from cryo_forum.io.guard import OutputGuard
-    from cryo_forum.io.maps import load_volume
     from cryo_forum.io.partial import PartialResults
     from cryo_forum.io.particles import ParticleSet
+    from cryo_forum.prediction.search_map import search_map
 
     if args.batch_size < 1:
         raise CryoForumError(f"--batch-size: must be positive, got {args.batch_size}")
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
         raise CryoForumError(f"--max-shift: must be >= 0 px, got {args.max_shift}")
     particles = ParticleSet.open(args.star, datadir=args.datadir)
     guard = OutputGuard().protect_particles(particles).protect(args.model, "a file of the run")
-    guard.protect(args.reference).protect(args.refine).check_file(args.out)
+    guard.protect(args.reference).protect(args.refine).protect(mask_file(args.mask), "the mask").check_file(args.out)
     particles.validate()
 
     from cryo_forum.prediction.predict import Centring, predict_particles, preprocessor_for
@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
     reference = None
     reference_path = args.reference or (run.file(REFERENCE_NAME) if run.file(REFERENCE_NAME).exists() else None)
     if reference_path is not None and not particles.has_origins:
-        reference, _ = load_volume(reference_path, particles.pixel_size, particles.box_size, center=False)
+        reference = search_map(reference_path, particles, args.mask)
     table = predict_particles(
         model,
         particles,
@@ -145,7 +145,8 @@ def main(args: argparse.Namespace) -> int:
     _add_calibrated_columns(table, run)  # the network's bound sets how wide refinement searches
     partial = PartialResults.beside(args.out)
     if refine_path:
-        table = _refined(table, particles, indices, refine_path, refine_settings, partial)
+        volume = search_map(refine_path, particles, args.mask)
+        table = _refined(table, particles, indices, volume, refine_settings, partial)
         _add_calibrated_columns(table, run)
     poses = euler_to_quaternion(table[list(star.ANGLES)].to_numpy(dtype=np.float64))
     warn_if_collapsed(poses, f"the predictions for {args.star}", config.symmetry)
@@ -168,18 +169,16 @@ def _refine_map(args: argparse.Namespace, run) -> Path | None:
     return args.refine
 
 
-def _refined(table, particles, indices, path: Path, settings, partial: Path):
-    """The predictions with poses and origins refined against the map at ``path`` (other columns kept), the
-    refined particles kept in ``partial`` as they finish."""
+def _refined(table, particles, indices, volume, settings, partial: Path):
+    """The predictions with poses and origins refined against ``volume`` (sampled like the particles; other columns
+    kept), the refined particles kept in ``partial`` as they finish."""
     import numpy as np
 
     from cryo_forum.geometry import euler_to_quaternion
     from cryo_forum.io import star
-    from cryo_forum.io.maps import load_volume
     from cryo_forum.prediction.refinement import refine_particles, search_widths
 
     chosen = particles if indices is None else particles.subset(indices)
-    volume, _ = load_volume(path, chosen.pixel_size, chosen.box_size, center=False)
     if star.ORIGIN_X_ANGST in table:
         origins = table[[star.ORIGIN_X_ANGST, star.ORIGIN_Y_ANGST]].to_numpy(np.float64) / chosen.pixel_size
     elif star.ORIGIN_X in table:

@@ -1,17 +1,20 @@
-"""Finish predicted poses and origins with a local search against a map (after `cryo-forum predict`).
+"""Finish predicted poses and origins with a local fit against a map (after `cryo-forum predict`).
 
-Every particle starts from its pose and origin in --star and is searched on shrinking local grids of rotations
-around it, down to --refine-step degrees, scored like `cryo-forum match` (the CTF-aware, noise-whitened correlation
-with the map's projection); its origin is searched to a fraction of a pixel within --refine-shift of where it
-started. How wide the search starts follows the network's uncertainty (its calibrated 90 % bound
-_cfErrorBound90Deg, else twice _cfExpectedErrorDeg): a particle it is sure of gets a small search, an unsure one a
-wider one, and one whose search would reach beyond --global-above degrees (or that has no expected error) a global
-search first (symmetry-aware with --symmetry). The map is resampled to the particles' pixel size and box but not
-re-centred: its origin defines the poses (use the map the network was trained on, e.g. the run's reference.mrc).
+Every particle starts from its pose and origin in --star. Its origin is searched at that pose to a fraction of a
+pixel within --refine-shift of where it started, then pose and origin are fitted together by Gauss-Newton steps on
+the score of `cryo-forum match` (the CTF-aware, noise-whitened correlation with the map's projection), in stages
+whose rotation steps are bounded by a trust region that halves down to --refine-step degrees and whose band widens
+to the whole image as the fit closes in. How wide the search starts follows the network's uncertainty (its
+calibrated 90 % bound _cfErrorBound90Deg, else twice _cfExpectedErrorDeg): a particle it is sure of starts at a
+small step, an unsure one at a larger one, and one whose search would reach beyond --global-above degrees (or that
+has no expected error, or no pose at all) is searched on the global grid of `match` first (symmetry-aware with
+--symmetry). The map is resampled to the particles' pixel size and box but not re-centred: its origin defines the
+poses (use the map the network was trained on, e.g. the run's reference.mrc); it is masked (--mask, by default
+automatically around its density).
 Writes a STAR file that keeps every input block and column, with the refined rlnAngleRot/Tilt/Psi and
 rlnOriginX/YAngst, _cfMatchScore (larger = better fit), _cfFitJunkScore (how badly the map explains the image, a
 directional z-score; `cryo-forum filter --metric fit_junk_score --threshold 3`) and _cfRefinedErrorDeg, the refined
-pose's expected error from the sharpness of its fit (it leaves out the map's own errors, so with a map from the
+pose's expected error from the curvature of the fit (it leaves out the map's own errors, so with a map from the
 data set itself it is smaller than the true error).
 Refined particles are kept in OUT.partial/ as they finish: the same command, interrupted, resumes where it stopped.
 
@@ -55,10 +58,20 @@ def add_refine_options(parser: argparse.ArgumentParser, symmetry: bool = True) -
         help="particles whose search would reach further are searched globally first "
         f"(default {DEFAULTS.global_above_deg:g})",
     )
+    add_mask_option(parser)
     if symmetry:
         parser.add_argument(
             "--symmetry", default="C1", help="point group of the map, for its global search (default C1)"
         )
+
+
+def add_mask_option(parser: argparse.ArgumentParser) -> None:
+    """The mask of the map a search scores particles against (`match`, `refine`, `predict`)."""
+    parser.add_argument(
+        "--mask",
+        metavar="MASK",
+        help="soft mask (.mrc, values 0 to 1) of the map, or 'none' (default: an automatic mask around its density)",
+    )
 
 
 def settings_from(args: argparse.Namespace, symmetry: str, batch_size: int = DEFAULTS.batch_size) -> RefineSettings:
@@ -74,8 +87,21 @@ def settings_from(args: argparse.Namespace, symmetry: str, batch_size: int = DEF
     return settings
 
 
+def mask_file(mask: str | None) -> Path | None:
+    """The mask file of a --mask option (None for the automatic mask or none), checked to exist."""
+    from cryo_forum.prediction.search_map import NO_MASK
+
+    if mask is None or mask == NO_MASK:
+        return None
+    if not Path(mask).is_file():
+        raise CryoForumError(f"--mask: {mask}: file not found")
+    return Path(mask)
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--star", type=Path, required=True, help="particles with poses (.star or .cs)")
+    parser.add_argument(
+        "--star", type=Path, required=True, help="particles with poses (.star or .cs); without, a global search first"
+    )
     parser.add_argument("--volume", type=Path, required=True, help="the reference map (.mrc)")
     parser.add_argument("--out", type=Path, required=True, help="output STAR file")
     add_refine_options(parser)
@@ -89,11 +115,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from cryo_forum.io.guard import OutputGuard
-    from cryo_forum.io.maps import load_volume
     from cryo_forum.io.partial import PartialResults
     from cryo_forum.io.particles import ParticleSet
     from cryo_forum.prediction.refinement import refine_particles, search_widths
+    from cryo_forum.prediction.search_map import search_map
 
     if args.batch_size < 1:
         raise CryoForumError(f"--batch-size: must be positive, got {args.batch_size}")
@@ -101,15 +129,17 @@ def main(args: argparse.Namespace) -> int:
     if not args.volume.is_file():
         raise CryoForumError(f"{args.volume}: file not found")
     particles = ParticleSet.open(args.star, datadir=args.datadir)
-    if not particles.has_poses:
-        raise CryoForumError(f"{args.star}: has no poses to refine (rlnAngleRot/Tilt/Psi); run `cryo-forum predict`")
     particles.validate()
-    OutputGuard().protect_particles(particles).protect(args.volume, "the reference map").check_file(args.out)
-    volume, _ = load_volume(args.volume, pixel_size=particles.pixel_size, size=particles.box_size, center=False)
+    guard = OutputGuard().protect_particles(particles).protect(args.volume, "the reference map")
+    guard.protect(mask_file(args.mask), "the mask").check_file(args.out)
+    volume = search_map(args.volume, particles, args.mask)
     started = time.perf_counter()
     widths, settings = search_widths(particles.table, settings, str(args.star))
+    poses = particles.quaternions() if particles.has_poses else np.tile([0.0, 0.0, 0.0, 1.0], (len(particles), 1))
+    if not particles.has_poses:  # nothing to start from: every particle is searched globally first
+        widths = np.full(len(particles), np.nan)
     partial = PartialResults.beside(args.out)
-    table = refine_particles(particles, volume, particles.quaternions(), widths, settings=settings, partial=partial)
+    table = refine_particles(particles, volume, poses, widths, settings=settings, partial=partial)
     seconds = time.perf_counter() - started
     particles.write_star(args.out, columns=table)
     PartialResults.discard(partial)

@@ -88,6 +88,7 @@ class SpectrumTable:
         # XLA fuses the gathers, the index arithmetic and the interpolation (compiled once per shape); plain Python
         # control flow only, so no autograph.
         self._read = tf.function(self._read_eager, jit_compile=True, autograph=False)
+        self._read_with_gradient = tf.function(self._read_with_gradient_eager, jit_compile=True, autograph=False)
         self._half_planes = tf.function(self._half_planes_eager, jit_compile=True, autograph=False)
 
     def _write(self, number: int, volume: np.ndarray) -> None:
@@ -108,19 +109,41 @@ class SpectrumTable:
                 value=planes.ravel(),
             )
 
-    def _read_eager(self, matrices: tf.Tensor, points: tf.Tensor, maps: tf.Tensor) -> tf.Tensor:
+    def _corners_at(self, matrices: tf.Tensor, points: tf.Tensor, maps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The eight corner values [N, K, 2, 2, 2] (z, y, x bits) around each rotated point and the point's
+        fractions (x, y, z) [N, K, 3] within its cell."""
         q = self._wrapped
         # Frequency (x, y, z) of the map sampled by image frequency k: A^T [kx, ky, 0] = kx A[0] + ky A[1].
         coords = tf.einsum("pj,njc->npc", points, matrices[:, :2, :]) + float(self.padded // 2 + 1)
         base = tf.floor(coords)
-        frac = tf.complex(coords - base, 0.0)
+        fractions = coords - base
         base = tf.cast(base, self._index_type)
         first = (base[..., 2] * q + base[..., 1]) * q + base[..., 0] + tf.cast(maps, self._index_type)[:, None] * q**3
         values = tf.gather(self.values, first[..., None] + self._corners)  # [N, K, 8]
-        values = tf.reshape(values, [tf.shape(values)[0], tf.shape(values)[1], 2, 2, 2])
+        return tf.reshape(values, [tf.shape(values)[0], tf.shape(values)[1], 2, 2, 2]), fractions
+
+    def _read_eager(self, matrices: tf.Tensor, points: tf.Tensor, maps: tf.Tensor) -> tf.Tensor:
+        values, fractions = self._corners_at(matrices, points, maps)
+        frac = tf.complex(fractions, 0.0)
         for axis in range(3):  # interpolate along x, then y, then z
             values = values[..., 0] + frac[..., axis, *(None,) * (2 - axis)] * (values[..., 1] - values[..., 0])
         return values
+
+    def _read_with_gradient_eager(self, matrices: tf.Tensor, points: tf.Tensor, maps: tf.Tensor):
+        values, fractions = self._corners_at(matrices, points, maps)
+        parts = []
+        for corners in (tf.math.real(values), tf.math.imag(values)):  # real arithmetic: XLA runs it faster
+            # Interpolating along one axis at a time turns the corners' difference across that axis into the
+            # derivative along it, and carries the derivatives already taken along.
+            derivatives = []
+            for axis in range(3):  # x, then y, then z
+                weight = fractions[..., axis, *(None,) * (2 - axis)]
+                derivatives = [d[..., 0] + weight * (d[..., 1] - d[..., 0]) for d in derivatives]
+                derivatives.append(corners[..., 1] - corners[..., 0])
+                corners = corners[..., 0] + weight * (corners[..., 1] - corners[..., 0])
+            parts.append((corners, tf.stack(derivatives, axis=-1) * float(self.oversampling)))
+        (real, real_gradient), (imag, imag_gradient) = parts
+        return tf.complex(real, imag), tf.complex(real_gradient, imag_gradient)
 
     def _half_planes_eager(self, matrices: tf.Tensor, maps: tf.Tensor) -> tf.Tensor:
         values = self._read_eager(matrices, self._points, maps)
@@ -133,6 +156,15 @@ class SpectrumTable:
         matrices = tf.convert_to_tensor(matrices, tf.float32)
         points = tf.convert_to_tensor(frequencies, tf.float32) * float(self.oversampling)
         return self._read(matrices, points, self._map_numbers(matrices, maps))
+
+    def read_with_gradient(self, matrices, frequencies, maps=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """As :meth:`read`, and the gradient of the trilinear interpolant there: values complex64 [N, K] and their
+        derivatives [N, K, 3] along the map's frequency axes (x, y, z), per cycle per box. The derivative is the
+        interpolant's own (constant across a cell, exact for it), read from the same eight corners, so a local fit
+        gets its Jacobian at the cost of a read."""
+        matrices = tf.convert_to_tensor(matrices, tf.float32)
+        points = tf.convert_to_tensor(frequencies, tf.float32) * float(self.oversampling)
+        return self._read_with_gradient(matrices, points, self._map_numbers(matrices, maps))
 
     def half_planes(self, matrices, maps=None) -> tf.Tensor:
         """Whole central slices complex64 [N, D, D // 2 + 1] (rfft2 layout, phases relative to the box centre, zero

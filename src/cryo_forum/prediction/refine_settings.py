@@ -11,7 +11,6 @@ import numpy as np
 from cryo_forum.errors import InvalidSetting
 
 SHRINK = 0.5  # each stage's step over the previous one
-REACH = 1.0 / (1.0 - SHRINK)  # how far a pattern search from step s can move in all, per unit of s
 MIN_STEP_DEG = 0.01
 GLOBAL_SHIFT_STEP_PX = 1.0
 
@@ -21,19 +20,21 @@ class RefineSettings:
     """How far and how finely each particle is searched; angles in degrees, shifts in px of the particle box.
 
     ``radius_per_error`` scales the network's expected error to the radius searched (at least
-    ``min_radius_deg``); ``step_deg`` bounds the last stage's step; ``shift_px`` how far origins may move from
-    where they start. The global fallback uses the matcher's grid of ``coarse_deg`` and its band ``coarse_band``.
+    ``min_radius_deg``); ``step_deg`` bounds the last stage's step and ``iterations`` is the number of
+    Gauss-Newton steps per stage; ``shift_px`` how far origins may move from where they start. The global
+    fallback uses the matcher's grid of ``coarse_deg`` and its band ``coarse_band``, which also sets each stage's.
     """
 
     radius_per_error: float = 2.0
     min_radius_deg: float = 3.0
     global_above_deg: float = 30.0
-    step_deg: float = 0.5
+    step_deg: float = 1.0
+    iterations: int = 2
     shift_px: float = 2.0
     coarse_deg: float = 7.5
     coarse_band: float = 2.0
     oversampling: int = 2
-    batch_size: int = 32
+    batch_size: int = 128
     symmetry: str = "C1"
 
     def validate(self) -> None:
@@ -46,6 +47,8 @@ class RefineSettings:
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):
                 raise InvalidSetting(name, f"must be positive, got {value}")
+        if not (isinstance(self.iterations, (int, np.integer)) and self.iterations >= 1):
+            raise InvalidSetting("iterations", f"must be a positive integer, got {self.iterations}")
         if not self.step_deg >= MIN_STEP_DEG:
             raise InvalidSetting("step_deg", f"must be at least {MIN_STEP_DEG:g} degrees, got {self.step_deg}")
         if not (math.isfinite(self.global_above_deg) and self.global_above_deg >= self.min_radius_deg):
@@ -76,25 +79,26 @@ class RefineSettings:
         )
 
     def steps(self) -> np.ndarray:
-        """The stages' steps [S] (degrees, halving): the first stage reaches ``global_above_deg`` (a pattern
-        search from step s moves at most 2 s in all), the last step is at most ``step_deg``."""
-        steps = [self.global_above_deg / REACH]
+        """The stages' steps [S] (degrees, halving): the first is ``global_above_deg``, the last at most
+        ``step_deg``. A stage's step bounds its rotation steps and sets its band, so a stage closes in on a pose
+        about a step away (see :mod:`cryo_forum.prediction.refinement`)."""
+        steps = [self.global_above_deg]
         while steps[-1] > self.step_deg:
             steps.append(steps[-1] * SHRINK)
         return np.array(steps)
 
     def first_stages(self, expected_error_deg: np.ndarray) -> np.ndarray:
-        """Each particle's first stage [n]: the last that reaches its radius; -1 for a global search (radius
-        beyond ``global_above_deg``, or no expected error)."""
+        """Each particle's first stage [n]: the last whose step is at least its radius; -1 for a global search
+        (radius beyond ``global_above_deg``, or no expected error)."""
         steps = self.steps()
         errors = np.asarray(expected_error_deg, dtype=np.float64)
         radius = np.maximum(self.radius_per_error * errors, self.min_radius_deg)
-        first = (REACH * steps[None, :] >= radius[:, None]).sum(axis=1) - 1
+        first = (steps[None, :] >= radius[:, None]).sum(axis=1) - 1
         return np.where(np.isfinite(errors) & (radius <= self.global_above_deg), first, -1)
 
     def after_global(self) -> int:
-        """The stage a globally searched particle continues at: the last that reaches the global grid's
+        """The stage a globally searched particle continues at: the last whose step is at least the global grid's
         covering radius."""
         from cryo_forum.prediction.matching import COVERING
 
-        return int((REACH * self.steps() >= COVERING * self.coarse_deg).sum() - 1)
+        return int((self.steps() >= COVERING * self.coarse_deg).sum() - 1)

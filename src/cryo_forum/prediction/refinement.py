@@ -1,15 +1,15 @@
-"""Local refinement: the network's poses and origins finished by a local search against a map.
+"""Local refinement: the network's poses and origins finished by a local fit against a map.
 
-Each particle starts from its predicted pose and origin and is searched on local grids of 27 rotations
-(``step * {-1, 0, 1}^3`` about its pose, :meth:`ProjectionMatcher.local_search`) whose step halves per stage down
-to ``step_deg``, with the matcher's CTF-aware, whitened score; before every stage its origin is searched at the
-current pose within ``shift_px`` of where it started (:meth:`OriginSearch.best_origins`, sub-pixel). How wide the
-search starts depends on the network's uncertainty: a particle whose expected error is e starts at the stage
-that reaches ``radius_per_error * e`` (at least ``min_radius_deg``), so a sure particle costs a few stages and
-an unsure one more; one whose radius would exceed ``global_above_deg`` is searched globally first (the matcher's
-coarse grid, symmetry-aware, over origins 1 px apart within ``shift_px``). A stage's band stops at
-``coarse_band`` cycles per radian of its step, as the global grid's does, so a coarse grid is not misled by detail
-finer than it can resolve.
+Each particle starts from its predicted pose and origin. Its origin is first searched at that pose within
+``shift_px`` of where it started (:meth:`OriginSearch.best_origins`, sub-pixel), then pose and origin are fitted
+together by Gauss-Newton steps on the matcher's CTF-aware, whitened score (:mod:`cryo_forum.prediction.local_fit`),
+in stages whose step (the trust region of a rotation step) halves down to ``step_deg``. A stage's band stops at
+``coarse_band`` cycles per radian of its step, as the global grid's does, so a wide stage is not misled by detail
+finer than it can resolve and the fit widens to the whole band as it closes in. How wide the search starts depends
+on the network's uncertainty: a particle whose expected error is e starts at the stage that reaches
+``radius_per_error * e`` (at least ``min_radius_deg``), so a sure particle costs a few stages and an unsure one
+more; one whose radius would exceed ``global_above_deg`` is searched globally first (the matcher's coarse grid,
+symmetry-aware, over origins 1 px apart within ``shift_px``).
 
 Junk is told by the fit (:func:`misfit_scores`): an image the map explains badly, either because the fit is weak
 (empty picks, ice) or because much of its low-resolution power is left over (aggregates, carbon, other proteins).
@@ -32,17 +32,16 @@ from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.particle_ctf import ParticleCTFs
 from cryo_forum.prediction.calibration import numeric_columns
 from cryo_forum.prediction.directional import view_model, view_z_scores
+from cryo_forum.prediction.local_fit import LocalFit, expected_errors_deg
 from cryo_forum.prediction.matching import ProjectionMatcher, particle_spectra, shell_noise_power
 from cryo_forum.prediction.refine_settings import RefineSettings
-from cryo_forum.prediction.shifts import OriginSearch, parabola_offset
+from cryo_forum.prediction.shifts import OriginSearch
 from cryo_forum.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
 RESIDUAL_BAND = 1 / 8  # cycles per box pixel: four per particle diameter in a box twice its size
-IDENTITY = np.array([[0.0, 0.0, 0.0, 1.0]])
 FIT_JUNK_THRESHOLD = 3.0  # the recommended cut of misfit_scores: 3 robust standard deviations beyond the view's
-FLAT_ERROR_DEG = 120.0  # the expected error of a random pose (uncertainty.expected_error_deg of a flat belief)
 CHECKPOINT_PARTICLES = 1024  # particles refined between two saves of a resumable refinement
 # what LocalRefiner.refine returns per particle, in its order, and the shape of each
 REFINED_ARRAYS = {"poses": (4,), "origins": (2,), "scores": (), "errors": (), "residuals": ()}
@@ -61,6 +60,7 @@ class LocalRefiner:
         self.matcher = ProjectionMatcher(volume, settings.matching(), noise)
         self.origins = OriginSearch(particles, volume, noise)
         self.ctfs = ParticleCTFs(particles)
+        self.fit = LocalFit(self.matcher.projector)
         self.steps = settings.steps()
 
     def refine(
@@ -71,73 +71,35 @@ class LocalRefiner:
         and stages ``first`` [b] (from :meth:`RefineSettings.first_stages`; -1: global first)."""
         images = self.particles.images(indices)
         spectra = particle_spectra(images)
-        weighted = self.origins.weighted_spectra(images)
         ctf = self.ctfs(indices)
         flat_ctf = np.asarray(ctf, dtype=np.float64).reshape(len(indices), -1)
         start = np.asarray(origins, dtype=np.float64)
         poses, moved, first = np.array(quaternions, dtype=np.float64), start.copy(), np.array(first)
         wide = first < 0
         if wide.any():
-            poses[wide], _, _ = self.matcher.coarse_search(spectra[wide], flat_ctf[wide], moved[wide])
+            poses[wide], moved[wide], _ = self.matcher.coarse_search(spectra[wide], flat_ctf[wide], moved[wide])
             first[wide] = self.settings.after_global()
-        for stage, step in enumerate(self.steps[:-1]):
+        if self.settings.shift_px > 0:
+            weighted = self.origins.weighted_spectra(images)
+            moved = self.origins.best_origins(weighted, ctf, poses, start, self.settings.shift_px)[0]
+        state, band = None, None
+        for stage, step in enumerate(self.steps):
             active = first <= stage
-            if active.any():
-                moved[active] = self._origins(weighted[active], ctf[active], poses[active], start[active])
-                band = self.matcher.band(self.settings.coarse_band / math.radians(step))
-                offsets = _pattern(step)
-                poses[active], *_ = self.matcher.local_search(
-                    spectra[active], flat_ctf[active], poses[active], moved[active], offsets, band=band
-                )
-        moved = self._origins(weighted, ctf, poses, start)
-        step = self.steps[-1]
-        offsets = _pattern(step)
-        best, _, scores, around = self.matcher.local_search(spectra, flat_ctf, poses, moved, offsets)
-        poses, errors = _vertex(poses, best, around, step)
+            if not active.any():
+                continue
+            stage_band = self.matcher.band(self.settings.coarse_band / math.radians(step))
+            iterations = self.settings.iterations if stage_band.radius < self.matcher.fine.radius else 1
+            if stage_band is not band:
+                band = stage_band
+                state = self.fit.state(band, spectra, flat_ctf, poses, moved)
+            state = self.fit.iterate(
+                band, spectra, flat_ctf, state, active, start, step, self.settings.shift_px, iterations
+            )
+            poses, moved = state.poses, state.origins
         low = self.matcher.band(self.particles.box_size * RESIDUAL_BAND)
-        _, _, fit, _ = self.matcher.local_search(spectra, flat_ctf, poses, moved, IDENTITY, band=low)
+        fit = self.fit.normal_equations(low, spectra, flat_ctf, poses, moved)[0]
         residuals = np.sum(low.weights * np.abs(spectra[:, low.flat]) ** 2, axis=1) - fit**2
-        return geometry.canonical_quaternion(poses), moved, scores, errors, residuals
-
-    def _origins(self, weighted, ctf, poses, start) -> np.ndarray:
-        """The best origins within ``shift_px`` of ``start`` at ``poses`` (``start`` itself when 0)."""
-        if self.settings.shift_px == 0:
-            return start
-        return self.origins.best_origins(weighted, ctf, poses, start, self.settings.shift_px)[0]
-
-
-def _pattern(step: float) -> np.ndarray:
-    """The 27 rotations ``step * {-1, 0, 1}^3`` as quaternions [27, 4], the identity and the six rotations about
-    one axis first (:func:`geometry.axis_rotation_offsets`), then the 20 about two or three axes."""
-    cube = geometry.local_rotation_offsets(step, 1)
-    diagonal = np.count_nonzero(np.abs(cube[:, :3]) > 1e-12, axis=1) > 1
-    return np.concatenate([geometry.axis_rotation_offsets(step), cube[diagonal]])
-
-
-def _vertex(centres, best, around, step: float) -> tuple[np.ndarray, np.ndarray]:
-    """The final poses [b, 4] and their expected errors [b] (degrees) from the last stage's scores ``around`` [b, 27]
-    of :func:`_pattern` about ``centres`` [b, 4], whose first seven are the axis pattern
-    (:func:`geometry.axis_rotation_offsets`).
-
-    Where the centre scores best, the pose moves to the vertex of the parabola through each axis's three scores;
-    elsewhere it is the best neighbour ``best``. The score s is the whitened correlation in units of the noise, so
-    the log-likelihood of the best-scaled projection is s^2 / 2 and its curvature along axis a at the peak is
-    s * kappa_a, kappa_a the score's own curvature (per radian^2): the Laplace approximation gives a variance
-    1 / (s kappa_a) per axis, plus the step's rounding (h^2 / 12). A fit with no peak (s or kappa not positive)
-    gets 120 degrees, the error of a random pose.
-    """
-    h = math.radians(step)
-    centre = around[:, 0]
-    minus, plus = around[:, 2:7:2], around[:, 1:7:2]  # [b, 3]: -step and +step about x, y, z
-    vertex = np.stack([parabola_offset(minus[:, a], centre, plus[:, a]) for a in range(3)], axis=1)
-    at_centre = np.argmax(around, axis=1) == 0
-    moved = geometry.matrix_to_quaternion(geometry.rotvec_to_matrix(h * vertex))
-    poses = np.where(at_centre[:, None], geometry.quaternion_multiply(moved, centres), best)
-    curvature = (2.0 * centre[:, None] - minus - plus) / h**2
-    precision = np.maximum(centre, 0.0)[:, None] * curvature
-    variance = np.where(precision > 0, 1.0 / np.where(precision > 0, precision, 1.0), np.inf).sum(axis=1)
-    errors = np.degrees(np.sqrt(variance + 3.0 * h**2 / 12.0))
-    return poses, np.minimum(errors, FLAT_ERROR_DEG)
+        return poses, moved, state.scores, expected_errors_deg(state), residuals
 
 
 def refine_particles(
@@ -155,10 +117,11 @@ def refine_particles(
     searched globally).
 
     The table holds the angles, the origins (the set's layout), _cfMatchScore, _cfRefinedErrorDeg (the refined
-    pose's expected error, see :func:`_vertex`), _cfRefinedBound90Deg (the 90 % bound that error implies for a
-    Gaussian posterior) and _cfFitJunkScore. With a ``partial`` folder every CHECKPOINT_PARTICLES particles are
-    kept there as they finish (:class:`~cryo_forum.io.partial.PartialResults`), and a call with the same inputs
-    refines only the particles not yet kept; the caller removes the folder once the output is written.
+    pose's expected error, :func:`~cryo_forum.prediction.local_fit.expected_errors_deg`), _cfRefinedBound90Deg
+    (the 90 % bound that error implies for a Gaussian posterior) and _cfFitJunkScore. With a ``partial`` folder
+    every CHECKPOINT_PARTICLES particles are kept there as they finish
+    (:class:`~cryo_forum.io.partial.PartialResults`), and a call with the same inputs refines only the particles
+    not yet kept; the caller removes the folder once the output is written.
     """
     from cryo_forum.prediction.predict import origin_columns
 
@@ -185,7 +148,8 @@ def refine_particles(
             rows = np.arange(begin, min(begin + block, len(particles)))
             done = kept.load(begin) if kept is not None else None
             if done is None:
-                done = _refine_block(refiner, rows, quaternions, origins, first, settings.batch_size)
+                width = min(settings.batch_size, len(particles))
+                done = _refine_block(refiner, rows, quaternions, origins, first, width)
                 if kept is not None:
                     kept.save(begin, done)
             for name, values in done.items():
@@ -204,11 +168,14 @@ def refine_particles(
 
 
 def _refine_block(refiner, rows, quaternions, origins, first, batch_size) -> dict[str, np.ndarray]:
-    """The refined arrays (REFINED_ARRAYS) of particles ``rows``, ``batch_size`` at a time."""
+    """The refined arrays (REFINED_ARRAYS) of particles ``rows``, ``batch_size`` at a time. A short batch is
+    padded with copies of its last particle, so every batch has one shape and the fit compiles once per band."""
     parts = []
     for begin in range(0, len(rows), batch_size):
         batch = rows[begin : begin + batch_size]
-        parts.append(refiner.refine(batch, quaternions[batch], origins[batch], first[batch]))
+        padded = np.pad(batch, (0, batch_size - len(batch)), mode="edge")
+        refined = refiner.refine(padded, quaternions[padded], origins[padded], first[padded])
+        parts.append([values[: len(batch)] for values in refined])
     return {name: np.concatenate([part[n] for part in parts]) for n, name in enumerate(REFINED_ARRAYS)}
 
 

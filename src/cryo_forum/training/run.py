@@ -72,10 +72,13 @@ class Run:
         return Run(self.path / PRETRAINING)
 
     def save_reference(self, reference) -> None:
-        """The reference map (and its half maps and FSC) a run reconstructed from its consensus set."""
+        """The reference map a run reconstructed from its consensus set
+        (:class:`~cryo_forum.physics.reconstruction.ReferenceMap`), multiplied by its mask when it has one: the
+        particles simulated from it then carry no solvent noise, and searches against it are not misled by it."""
         from cryo_forum.io.mrc import write_volume
 
-        write_volume(self.file(REFERENCE_NAME), reference.map, reference.pixel_size)
+        masked = reference.map * reference.mask if reference.mask.any() else reference.map
+        write_volume(self.file(REFERENCE_NAME), masked, reference.pixel_size)
 
     def save_origin_spread(self, sigma_angstrom: float) -> None:
         """The spread (std per axis, A) of the training particles' origins: how far off-centre particles picked

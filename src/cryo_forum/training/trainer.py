@@ -263,14 +263,14 @@ def _refined_calibration(run: Run, particles, indices, table, truth, errors, con
     import numpy as np
 
     from cryo_forum.geometry import euler_to_quaternion
-    from cryo_forum.io.maps import load_volume
     from cryo_forum.io.star import ANGLES, ERROR_BOUND, EXPECTED_ERROR, FIT_JUNK_SCORE, REFINED_ERROR
     from cryo_forum.prediction.calibration import bound_factor, error_bounds, metric_entry, pose_errors_deg
     from cryo_forum.prediction.refine_settings import RefineSettings
     from cryo_forum.prediction.refinement import FIT_JUNK_THRESHOLD, refine_particles, search_widths
+    from cryo_forum.prediction.search_map import search_map
 
     chosen = particles if indices is None else particles.subset(indices)
-    volume, _ = load_volume(run.file(REFERENCE_NAME), chosen.pixel_size, chosen.box_size, center=False)
+    volume = search_map(run.file(REFERENCE_NAME), chosen)
     poses = euler_to_quaternion(table[list(ANGLES)].to_numpy(np.float64))
     searched = table.copy()
     network_bounds = error_bounds(calibration, "network", table[EXPECTED_ERROR])
