@@ -202,16 +202,6 @@ def local_rotation_offsets(step_deg: float, half_width: int) -> np.ndarray:
     return canonical_quaternion(Rotation.from_rotvec(vectors).as_quat())
 
 
-def axis_rotation_offsets(step_deg: float) -> np.ndarray:
-    """The identity and rotations by +-``step_deg`` about x, y and z, as quaternions [7, 4] in that order.
-
-    The smallest neighbourhood that still probes every direction: a local search's pattern, whose three pairs
-    also give the score's curvature along each axis.
-    """
-    vectors = np.concatenate([np.zeros((1, 3)), np.repeat(np.eye(3), 2, axis=0) * np.tile([1.0, -1.0], 3)[:, None]])
-    return canonical_quaternion(Rotation.from_rotvec(np.radians(step_deg) * vectors).as_quat())
-
-
 # ---------------------------------------------------------------- point groups
 
 _ICOSAHEDRAL_GENERATORS = {
