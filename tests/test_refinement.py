@@ -177,13 +177,11 @@ def test_particles_without_poses_are_searched_globally(simulated, tmp_path):
     from cryo_forum.io.mrc import write_volume
     from cryo_forum.io.star import write_star
 
-    write_star(tmp_path / "bare.star", {"particles": particles.table.drop(columns=list(star.ANGLES))})
+    bare = particles.source.parent / "never_aligned.star"  # beside its stack
+    write_star(bare, {"particles": particles.table.drop(columns=list(star.ANGLES))})
     write_volume(tmp_path / "map.mrc", volume, particles.pixel_size)
     out = tmp_path / "refined.star"
-    assert (
-        cli(["refine", "--star", str(tmp_path / "bare.star"), "--volume", str(tmp_path / "map.mrc"), "--out", str(out)])
-        == 0
-    )
+    assert cli(["refine", "--star", str(bare), "--volume", str(tmp_path / "map.mrc"), "--out", str(out)]) == 0
     angles, shifts = _errors(ParticleSet.open(out).table, particles)
     assert np.median(angles) < 1.0 and np.median(shifts) < 0.3
 

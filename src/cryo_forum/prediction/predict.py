@@ -23,10 +23,12 @@ from cryo_forum.model.estimator import OrientationEstimator, inference_function
 from cryo_forum.prediction import uncertainty
 from cryo_forum.progress import progress as progress_bar
 from cryo_forum.streams.augment import CENTRING_ERROR_PX
-from cryo_forum.streams.preprocess import Preprocessor
+from cryo_forum.streams.preprocess import CTF_KEYS, Preprocessor
 from cryo_forum.streams.readers import prediction_batches, stream_errors
 
 log = logging.getLogger(__name__)
+
+TRIAL_BAND = 0.25  # cycles per pixel: trial centres are ranked below it (a quarter of the reads), the winner at all
 
 
 def preprocessor_for(particles: ParticleSet, trained: Preprocessor) -> Preprocessor:
@@ -76,15 +78,16 @@ def predict_particles(
     centring = centring or Centring.for_particles(particles, preprocessor)
     trials = centring.trials()
     log.info(f"centring {len(indices)} particles: the network's poses at {len(trials)} trial origins")
-    poses = np.empty((len(trials), len(indices), 4))
-    with progress_bar(len(trials), unit="trial", description="trial origins", enabled=progress) as bar:
-        for number, trial in enumerate(trials):
-            at_trial = np.broadcast_to(trial, (len(indices), 2))
-            poses[number] = _predict(forward, particles, preprocessor, indices, batch_size, False, at_trial)[0]
-            bar.update(1)
     search = OriginSearch(particles, reference)
-    centres = np.broadcast_to(trials[:, None, :], (len(trials), len(indices), 2))
-    origins, _, _ = search(poses, indices, centring.step_px, centres, progress=progress)
+    origins = np.zeros((len(indices), 2))
+    with progress_bar(len(indices), description="centring", enabled=progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            rows = indices[start : start + batch_size]
+            poses = _trial_poses(forward, particles, preprocessor, rows, trials)
+            centres = np.broadcast_to(trials[:, None, :], (len(trials), len(rows), 2))
+            found = search(poses, rows, centring.step_px, centres, progress=False, band=TRIAL_BAND * particles.box_size)
+            origins[start : start + len(rows)] = found[0]
+            bar.update(len(rows))
     quaternions, eigenvalues = _predict(forward, particles, preprocessor, indices, batch_size, progress, origins)
     origins, scores, _ = search(quaternions, indices, centring.step_px, origins[None], progress=progress)
     table = prediction_table(quaternions, eigenvalues)
@@ -92,6 +95,21 @@ def predict_particles(
         table[column] = values
     table[star.SHIFT_SCORE] = scores
     return table
+
+
+def _trial_poses(forward, particles: ParticleSet, preprocessor: Preprocessor, rows, trials) -> np.ndarray:
+    """The network's poses [T, b, 4] of particles ``rows`` [b] re-centred at each trial origin [T, 2] (px): the
+    images are read once and preprocessed once per trial (re-centring is part of the preprocessing)."""
+    images = particles.images(rows)
+    params = None
+    if preprocessor.phase_flip:
+        every = particles.ctf_parameters()
+        params = {key: every[key][rows] for key in CTF_KEYS}
+    poses = np.empty((len(trials), len(rows), 4))
+    for number, trial in enumerate(trials):
+        inputs = preprocessor(images, params, np.broadcast_to(trial, (len(rows), 2)))[..., None]
+        poses[number] = forward(inputs)["quaternion"].numpy()
+    return poses
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ needs no pose to start from.
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 
+from cryo_forum import geometry
 from cryo_forum.io.particles import ParticleSet
 from cryo_forum.physics.fourier import FourierGrid
 from cryo_forum.physics.particle_ctf import ParticleCTFs
@@ -88,6 +90,7 @@ class OriginSearch:
         centres: np.ndarray | None = None,
         batch_size: int = 128,
         progress: bool = True,
+        band: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Origins [n, 2] (x, y, px of the stack), peak scores [n] and chosen trials [n] of particles ``indices``
         (default all).
@@ -96,7 +99,7 @@ class OriginSearch:
         [T, n, 2] (default zero) are where each trial's search is centred; a trial's origin is searched within
         ``max_shift_px`` (default a quarter of the box) of its centre, and the best-scoring trial is kept. The
         score is the whitened correlation at the peak divided by its norm: comparable between particles of one
-        set, larger is a better fit.
+        set, larger is a better fit. With ``band`` (cycles per box) only the frequencies below it are compared.
         """
         indices = np.arange(len(self.particles)) if indices is None else np.asarray(indices)
         quaternions = np.asarray(quaternions, dtype=np.float64)
@@ -117,7 +120,7 @@ class OriginSearch:
                 ctf = self.ctfs(batch)
                 for trial in range(trials):
                     poses, around = quaternions[trial, rows], centres[trial, rows]
-                    found, score = self.best_origins(spectra, ctf, poses, around, reach)
+                    found, score = self.best_origins(spectra, ctf, poses, around, reach, band)
                     better = score > scores[rows]
                     origins[rows][better] = found[better]
                     scores[rows] = np.where(better, score, scores[rows])
@@ -129,19 +132,29 @@ class OriginSearch:
         """Whitened rfft2 [b, D, D // 2 + 1] of images [b, D, D], phases relative to the box centre."""
         return self.weights * np.fft.rfft2(np.fft.ifftshift(np.asarray(images, dtype=np.float64), axes=(-2, -1)))
 
-    def best_origins(self, spectra, ctf, quaternions, centres, reach: float) -> tuple[np.ndarray, np.ndarray]:
+    def best_origins(
+        self, spectra, ctf, quaternions, centres, reach: float, band: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Origins [b, 2] (px) within ``reach`` of ``centres`` [b, 2] that best fit the poses [b, 4], and their
-        normalised peak scores [b]; spectra from :meth:`weighted_spectra`, CTFs [b, D, D // 2 + 1]."""
+        normalised peak scores [b]; spectra from :meth:`weighted_spectra`, CTFs [b, D, D // 2 + 1]. With ``band``
+        (cycles per box) only the projections' frequencies below it are read and compared."""
         size = self.particles.box_size
-        models = self.projector.spectra(quaternions).numpy() * ctf
-        correlation = np.fft.irfft2(spectra * np.conj(models), s=(size, size))  # content moved by (x, y)
+        if band is None:
+            projections = self.projector.spectra(quaternions).numpy()
+        else:
+            flat, frequencies, _ = self.grid.band(band)
+            matrices = geometry.quaternion_to_matrix(quaternions).astype(np.float32)
+            projections = np.zeros((len(quaternions), self.grid.kx.size), dtype=np.complex64)
+            projections[:, flat] = self.projector.central_slices(matrices, frequencies).numpy()
+            projections = projections.reshape(len(quaternions), *self.grid.shape)
+        models = projections * ctf
+        product = spectra * np.conj(models)
+        correlation = scipy.fft.irfft2(product, s=(size, size), workers=-1)  # content moved by (x, y)
         norm = np.sqrt(np.sum(self.weights * self.grid.hermitian_weights * np.abs(models) ** 2, axis=(1, 2)))
         centre = -np.asarray(centres)  # content shift of the trial's centre
-        distance = np.hypot(
-            _wrapped(self.offsets[None, None, :] - centre[:, 0, None, None], size),
-            _wrapped(self.offsets[None, :, None] - centre[:, 1, None, None], size),
-        )
-        shifts, peak = _peaks(correlation, distance <= reach, self.offsets)
+        across = _wrapped(self.offsets[None, :] - centre[:, 0, None], size) ** 2  # [b, D] along x
+        down = _wrapped(self.offsets[None, :] - centre[:, 1, None], size) ** 2  # [b, D] along y
+        shifts, peak = _peaks(correlation, down[:, :, None] + across[:, None, :] <= reach**2, self.offsets)
         return -shifts, peak / np.maximum(norm, 1e-30)
 
 
