@@ -16,10 +16,11 @@ the map the test set was simulated from; its particles are centred, so no origin
 runs `refine` on the particles with their angles removed ("global grid + local fit": the global grid of matching
 finished by refinement's local fit, no network), which tells what the network saves beyond the local fit.
 
-The first --n particles are compared. Time per particle is each command's marginal cost: every command also runs
-on the first --n-small particles, and (t(n) - t(n_small)) / (n - n_small) leaves out what does not grow with the
-set (importing TensorFlow, compiling, estimating the noise); the start-up is reported beside it, and so is the whole
-command's wall time over n. Writes result.json and comparison.png (median error against time per particle) into
+The first --n particles are compared. Every command runs in a process of its own, as a user runs it. Time per
+particle is each command's marginal cost: every command also runs on the first --n-small particles, and
+(t(n) - t(n_small)) / (n - n_small) leaves out what does not grow with the set (importing TensorFlow, compiling,
+estimating the noise); the start-up is reported beside it, and so is the whole command's wall time over n.
+Writes result.json and comparison.png (median error against time per particle) into
 bench/results/comparison_<benchmark>.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,11 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def cli(command: list[str]) -> float:
-    """Run a cryo-forum command; seconds taken."""
-    from cryo_forum.cli import main
-
+    """Run a cryo-forum command in a process of its own, as a user would; seconds taken (start-up included)."""
     started = time.perf_counter()
-    if main(command) != 0:
+    launch = "import sys; from cryo_forum.cli import main; sys.exit(main(sys.argv[1:]))"
+    if subprocess.run([sys.executable, "-c", launch, *command]).returncode != 0:
         raise SystemExit(f"`cryo-forum {' '.join(command)}` failed")
     return time.perf_counter() - started
 

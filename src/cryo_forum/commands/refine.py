@@ -41,7 +41,7 @@ def add_refine_options(parser: argparse.ArgumentParser, symmetry: bool = True) -
         type=float,
         default=DEFAULTS.step_deg,
         metavar="DEG",
-        help=f"final angular step (default {DEFAULTS.step_deg:g})",
+        help=f"the last stage's longest rotation step (default {DEFAULTS.step_deg:g})",
     )
     parser.add_argument(
         "--refine-shift",

@@ -55,7 +55,8 @@ class FitState:
 
 
 class LocalFit:
-    """Gauss-Newton fits of poses and origins of particles of ``size`` px against one map's projector."""
+    """Gauss-Newton fits of the poses and origins of particles against one map, through its projector (the map
+    sampled like the particles)."""
 
     def __init__(self, projector: FourierProjector):
         self.projector = projector
@@ -65,7 +66,7 @@ class LocalFit:
     def _equations_eager(self, matrices, frequencies, weights, spectra, ctf, origins):
         values, gradients = self.projector.table.read_with_gradient(matrices, frequencies)
         # Real arithmetic throughout (pairs of real and imaginary parts): XLA runs it faster than complex.
-        slice_ = (tf.math.real(values), tf.math.imag(values))
+        central = (tf.math.real(values), tf.math.imag(values))
         rotated = [  # g = A grad P, elementwise (an einsum here keeps XLA from fusing the rest)
             tf.reduce_sum(matrices[:, None, :, :] * part(gradients)[:, :, None, :], axis=-1)
             for part in (tf.math.real, tf.math.imag)
@@ -74,7 +75,7 @@ class LocalFit:
         turn = 2.0 * math.pi / self.size
         phase = turn * tf.einsum("bc,kc->bk", origins, frequencies)
         modulation = (ctf * tf.cos(phase), ctf * tf.sin(phase))
-        model = _times(modulation, slice_)
+        model = _times(modulation, central)
         along = [(rotated[0][..., axis], rotated[1][..., axis]) for axis in range(3)]  # g = A grad P
         cross = (  # k x g with k = (kx, ky, 0)
             _scaled(ky, along[2]),
