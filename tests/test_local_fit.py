@@ -43,13 +43,14 @@ def test_the_normal_equations_hold_the_derivatives_of_the_score(fit):
     origins = rng.uniform(-1, 1, size=(4, 2))
     spectra = _spectra(fit, _rotated(poses, rng.normal(scale=0.05, size=(4, 3))), origins + 0.3)
     band, ctf = _Band(SIZE, SIZE / 2, np.ones(SIZE // 2 + 1)), np.ones_like(spectra.real)
-    _, _, projections = fit.normal_equations(band, spectra, ctf, poses, origins)
+    data = fit.on_band(band, spectra, ctf)
+    _, _, projections = fit.normal_equations(data, poses, origins)
     step = 5e-3  # radians and px: central differences well above float32 rounding
     for parameter in range(5):
         move = np.zeros((4, 5))
         move[:, parameter] = step
         ahead, behind = (
-            fit.normal_equations(band, spectra, ctf, _rotated(poses, sign * move[:, :3]), origins + sign * move[:, 3:])
+            fit.normal_equations(data, _rotated(poses, sign * move[:, :3]), origins + sign * move[:, 3:])
             for sign in (1.0, -1.0)
         )
         measured = (ahead[2][:, 0] - behind[2][:, 0]) / (2 * step)
@@ -68,9 +69,9 @@ def test_steps_find_a_pose_4_degrees_and_an_origin_1_px_away(fit):
     ctf, active = np.ones_like(spectra.real), np.ones(16, dtype=bool)
     state = None
     for step, radius in ((4.0, 6.0), (2.0, 12.0), (1.0, SIZE / 2)):  # widening bands, as refinement's stages
-        band = _Band(SIZE, radius, np.ones(SIZE // 2 + 1))
-        state = fit.state(band, spectra, ctf, state.poses if state else start, state.origins if state else guess)
-        state = fit.iterate(band, spectra, ctf, state, active, guess, step, 2.0, 3)
+        data = fit.on_band(_Band(SIZE, radius, np.ones(SIZE // 2 + 1)), spectra, ctf)
+        state = fit.state(data, state.poses if state else start, state.origins if state else guess)
+        state = fit.iterate(data, state, active, guess, step, 2.0, 3)
     errors = np.degrees(geometry.geodesic_distance(state.poses, truth))
     assert np.median(errors) < 0.2 and errors.max() < 1.0, errors
     assert np.median(np.hypot(*(state.origins - origins).T)) < 0.05
@@ -87,10 +88,8 @@ def test_the_expected_error_is_the_spread_of_the_fit_over_noise(fit):
     for noise in (40.0, 80.0):
         band = _Band(SIZE, SIZE / 2, np.full(SIZE // 2 + 1, 2.0 * noise**2))
         spectra = _spectra(fit, truth, origins, noise=noise, seed=int(noise))
-        ctf = np.ones_like(spectra.real)
-        state = fit.iterate(
-            band, spectra, ctf, fit.state(band, spectra, ctf, truth, origins), active, origins, 2.0, 0.0, 6
-        )
+        data = fit.on_band(band, spectra, np.ones_like(spectra.real))
+        state = fit.iterate(data, fit.state(data, truth, origins), active, origins, 2.0, 0.0, 6)
         rms = np.degrees(np.sqrt(np.mean(geometry.geodesic_distance(state.poses, truth) ** 2)))
         expected = np.mean(expected_errors_deg(state))
         assert 0.7 < rms / expected < 1.3, (noise, rms, expected)

@@ -37,6 +37,17 @@ DAMPING = 1e-3  # Levenberg-Marquardt: the fraction of each diagonal added to th
 FLAT_ERROR_DEG = 120.0  # the expected error of a random pose (uncertainty.expected_error_deg of a flat belief)
 
 
+@dataclass(frozen=True)
+class BandData:
+    """The particles' data on one band, as the fit's tensors: frequencies [K, 2] (cycles per box), whitening
+    weights [K], spectra complex64 [b, K] and CTFs [b, K] (:meth:`LocalFit.on_band`)."""
+
+    frequencies: tf.Tensor
+    weights: tf.Tensor
+    spectra: tf.Tensor
+    ctf: tf.Tensor
+
+
 @dataclass
 class FitState:
     """Where a batch's fit stands: poses [b, 4], origins [b, 2] (px), scores [b] on the current band, and the
@@ -91,32 +102,36 @@ class LocalFit:
         projections = tf.linalg.matvec(weighted, data)
         return gram, projections
 
-    def normal_equations(self, band, spectra, ctf, poses, origins) -> tuple[np.ndarray, ...]:
-        """Scores [b], Gram matrices [b, 6, 6] and projections [b, 6] (float64) of particles with spectra
-        [b, D * (D // 2 + 1)] (:func:`~cryo_forum.prediction.matching.particle_spectra`) and CTFs (same layout) at
-        poses [b, 4] and origins [b, 2] (px), on ``band`` (a matcher band: frequencies and whitening weights)."""
-        matrices = geometry.quaternion_to_matrix(poses).astype(np.float32)
-        gram, projections = self._equations(
-            tf.constant(matrices),
+    def on_band(self, band, spectra: np.ndarray, ctf: np.ndarray) -> BandData:
+        """The particles' data on ``band`` (a matcher band: frequencies and whitening weights), made once for the
+        steps that share it: spectra [b, D * (D // 2 + 1)] from
+        :func:`~cryo_forum.prediction.matching.particle_spectra` and CTFs in the same layout."""
+        return BandData(
             tf.constant(band.frequencies.astype(np.float32)),
             tf.constant(band.weights.astype(np.float32)),
             tf.constant(spectra[:, band.flat].astype(np.complex64)),
             tf.constant(ctf[:, band.flat].astype(np.float32)),
-            tf.constant(np.asarray(origins, dtype=np.float32)),
+        )
+
+    def normal_equations(self, data: BandData, poses, origins) -> tuple[np.ndarray, ...]:
+        """Scores [b], Gram matrices [b, 6, 6] and projections [b, 6] (float64) of the particles of ``data`` at
+        poses [b, 4] and origins [b, 2] (px)."""
+        matrices = geometry.quaternion_to_matrix(poses).astype(np.float32)
+        origins = np.asarray(origins, dtype=np.float32)
+        gram, projections = self._equations(
+            tf.constant(matrices), data.frequencies, data.weights, data.spectra, data.ctf, tf.constant(origins)
         )
         gram, projections = gram.numpy().astype(np.float64), projections.numpy().astype(np.float64)
         scores = projections[:, 0] / np.sqrt(np.maximum(gram[:, 0, 0], 1e-30))
         return scores, gram, projections
 
-    def state(self, band, spectra, ctf, poses, origins) -> FitState:
-        """The fit's state at poses [b, 4] and origins [b, 2] on ``band``."""
-        return FitState(np.array(poses), np.array(origins), *self.normal_equations(band, spectra, ctf, poses, origins))
+    def state(self, data: BandData, poses, origins) -> FitState:
+        """The fit's state at poses [b, 4] and origins [b, 2] on the band of ``data``."""
+        return FitState(np.array(poses), np.array(origins), *self.normal_equations(data, poses, origins))
 
     def iterate(
         self,
-        band,
-        spectra,
-        ctf,
+        data: BandData,
         state: FitState,
         active: np.ndarray,
         start: np.ndarray,
@@ -133,7 +148,7 @@ class LocalFit:
             moved = geometry.matrix_to_quaternion(geometry.rotvec_to_matrix(step[:, :3] * scale[:, None]))
             poses = geometry.quaternion_multiply(moved, state.poses)
             origins = _within(state.origins + step[:, 3:] * scale[:, None], start, shift_px)
-            trial = self.state(band, spectra, ctf, poses, origins)
+            trial = self.state(data, poses, origins)
             better = active & (trial.scores > state.scores)
             state.take(better, trial)
             scale = np.where(better, 1.0, 0.5 * scale)

@@ -28,7 +28,7 @@ class RefineSettings:
     radius_per_error: float = 2.0
     min_radius_deg: float = 3.0
     global_above_deg: float = 30.0
-    step_deg: float = 1.0
+    step_deg: float = 2.0
     iterations: int = 2
     shift_px: float = 2.0
     coarse_deg: float = 7.5

@@ -82,7 +82,7 @@ class LocalRefiner:
         if self.settings.shift_px > 0:
             weighted = self.origins.weighted_spectra(images)
             moved = self.origins.best_origins(weighted, ctf, poses, start, self.settings.shift_px)[0]
-        state, band = None, None
+        state, band, data = None, None, None
         for stage, step in enumerate(self.steps):
             active = first <= stage
             if not active.any():
@@ -90,14 +90,12 @@ class LocalRefiner:
             stage_band = self.matcher.band(self.settings.coarse_band / math.radians(step))
             iterations = self.settings.iterations if stage_band.radius < self.matcher.fine.radius else 1
             if stage_band is not band:
-                band = stage_band
-                state = self.fit.state(band, spectra, flat_ctf, poses, moved)
-            state = self.fit.iterate(
-                band, spectra, flat_ctf, state, active, start, step, self.settings.shift_px, iterations
-            )
+                band, data = stage_band, self.fit.on_band(stage_band, spectra, flat_ctf)
+                state = self.fit.state(data, poses, moved)
+            state = self.fit.iterate(data, state, active, start, step, self.settings.shift_px, iterations)
             poses, moved = state.poses, state.origins
         low = self.matcher.band(self.particles.box_size * RESIDUAL_BAND)
-        fit = self.fit.normal_equations(low, spectra, flat_ctf, poses, moved)[0]
+        fit = self.fit.normal_equations(self.fit.on_band(low, spectra, flat_ctf), poses, moved)[0]
         residuals = np.sum(low.weights * np.abs(spectra[:, low.flat]) ** 2, axis=1) - fit**2
         return poses, moved, state.scores, expected_errors_deg(state), residuals
 
