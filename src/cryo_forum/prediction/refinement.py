@@ -88,7 +88,7 @@ class LocalRefiner:
             if not active.any():
                 continue
             stage_band = self.matcher.band(self.settings.coarse_band / math.radians(step))
-            iterations = self.settings.iterations if stage_band.radius < self.matcher.fine.radius else 1
+            iterations = self.settings.iterations if stage_band.radius < 0.5 * self.matcher.fine.radius else 1
             if stage_band is not band:
                 band, data = stage_band, self.fit.on_band(stage_band, spectra, flat_ctf)
                 state = self.fit.state(data, poses, moved)
