@@ -21,8 +21,9 @@ class RefineSettings:
 
     ``radius_per_error`` scales the network's expected error to the radius searched (at least
     ``min_radius_deg``); ``step_deg`` bounds the last stage's step and ``iterations`` is the number of
-    Gauss-Newton steps per stage while the stage's band is below half the Nyquist frequency (one after); ``shift_px`` how far origins may move from where they start. The global
-    fallback uses the matcher's grid of ``coarse_deg`` and its band ``coarse_band``, which also sets each stage's.
+    Gauss-Newton steps per stage while the stage's band is below half the Nyquist frequency (one after);
+    ``shift_px`` how far origins may move from where they start. The global fallback uses the matcher's grid of
+    ``coarse_deg`` and its band ``coarse_band``, which also sets each stage's.
     """
 
     radius_per_error: float = 2.0
