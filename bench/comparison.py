@@ -19,7 +19,9 @@ finished by refinement's local fit, no network), which tells what the network sa
 The first --n particles are compared. Every command runs in a process of its own, as a user runs it. Time per
 particle is each command's marginal cost: every command also runs on the first --n-small particles, and
 (t(n) - t(n_small)) / (n - n_small) leaves out what does not grow with the set (importing TensorFlow, compiling,
-estimating the noise); the start-up is reported beside it, and so is the whole command's wall time over n.
+estimating the noise); the start-up is reported beside it, and so is the whole command's wall time over n. Each
+size runs --repeats times and the fastest run counts: on a shared machine a start-up varies by a second or more,
+which over n - n_small particles would otherwise swamp a cost of a millisecond or two per particle.
 Writes result.json and comparison.png (median error against time per particle) into
 bench/results/comparison_<benchmark>.
 """
@@ -44,9 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=("realistic", "clean"))
-    parser.add_argument("--n", type=int, default=640, help="particles compared (default %(default)s)")
+    parser.add_argument("--n", type=int, default=1000, help="particles compared (default %(default)s)")
     parser.add_argument(
-        "--n-small", type=int, default=128, help="particles of the second, timing-only run (default %(default)s)"
+        "--n-small", type=int, default=200, help="particles of the second, timing-only run (default %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of every command at each size, the fastest counted (default 3)"
     )
     parser.add_argument("--out", type=Path, help="default: bench/results/comparison_<benchmark>")
     return parser.parse_args(argv)
@@ -154,6 +159,15 @@ def figures(predicted: Path, truth_star: Path, rows: np.ndarray) -> dict:
     return result
 
 
+def fastest(command: list[str], out: Path, repeats: int) -> float:
+    """The fastest of ``repeats`` runs of a command writing ``out`` (seconds); the last run's output is kept."""
+    times = []
+    for _ in range(repeats):
+        out.unlink(missing_ok=True)
+        times.append(cli([*command, "--out", str(out)]))
+    return min(times)
+
+
 def timing(seconds: float, seconds_small: float, count: int, count_small: int) -> dict:
     """Marginal milliseconds per particle, start-up seconds and whole-command milliseconds per particle."""
     marginal = (seconds - seconds_small) / (count - count_small)
@@ -206,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not 0 < args.n_small < args.n:
         raise SystemExit(f"--n-small must be between 0 and --n ({args.n}), got {args.n_small}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be positive, got {args.repeats}")
     out = args.out or RESULTS / f"comparison_{args.benchmark}"
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -232,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, command in commands.items():
         stem = name.replace(" ", "_").replace("+", "and")
         path, path_small = work / f"{stem}.star", small / f"{stem}.star"
-        for used in (path, path_small):
-            used.unlink(missing_ok=True)
-        seconds_small = cli([*command(particles_small), "--out", str(path_small)])
-        seconds = cli([*command(particles), "--out", str(path)])
+        seconds_small = fastest(command(particles_small), path_small, args.repeats)
+        seconds = fastest(command(particles), path, args.repeats)
         methods[name] = figures(path, truth, rows) | timing(seconds, seconds_small, count, count_small)
         methods[name]["fsc_0143_angstrom"] = resolution(path, rows, work, stem)
         methods[name]["command"] = "cryo-forum " + " ".join([*command(particles), "--out", str(path)])
