@@ -22,6 +22,8 @@ PROJECTION_POINTS = 2**20  # spectrum points read per call when projecting whole
 RENDER_BYTES_PER_PIXEL = 100  # simulating one image: its slice, shift, CTF and noise (65-95 measured, TensorFlow)
 CANVAS_BYTES_PER_PIXEL = 200  # more for an off-centre particle or ice, drawn on a canvas twice as wide (140)
 PARTICLE_BYTES_PER_PIXEL = 64  # matching one particle: its image, spectrum and CTF
+FIT_BYTES_PER_POINT = 300  # one frequency of one particle in a local fit's step: corners, gradients, basis
+FIT_BATCH_BYTES = 2**29  # the local fit's batch stays within 512 MB (128 particles of 64 px, 64 of 256 px)
 TABLE_BYTES_PER_PARTICLE = 400  # a simulated particle's row: draws, STAR columns and image name
 STAR_BYTES_PER_PARTICLE = 300  # a particle's line in a STAR file
 

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryo_forum import geometry
+from cryo_forum import geometry, resources
 from cryo_forum.io import star
 from cryo_forum.io.partial import PartialResults, fingerprint
 from cryo_forum.io.particles import ParticleSet
+from cryo_forum.physics.fourier import FourierGrid
 from cryo_forum.physics.particle_ctf import ParticleCTFs
 from cryo_forum.prediction.calibration import numeric_columns
 from cryo_forum.prediction.directional import view_model, view_z_scores
@@ -146,7 +147,7 @@ def refine_particles(
             rows = np.arange(begin, min(begin + block, len(particles)))
             done = kept.load(begin) if kept is not None else None
             if done is None:
-                width = min(settings.batch_size, len(particles))
+                width = min(settings.batch_size, len(particles), fit_batch_limit(particles.box_size))
                 done = _refine_block(refiner, rows, quaternions, origins, first, width)
                 if kept is not None:
                     kept.save(begin, done)
@@ -163,6 +164,12 @@ def refine_particles(
     table[star.REFINED_BOUND] = GAUSSIAN_BOUND_90 * errors  # the fit's own; a run's calibration replaces it
     table[star.FIT_JUNK_SCORE] = misfit_scores(results["scores"], results["residuals"], poses, settings.symmetry)
     return table
+
+
+def fit_batch_limit(size: int) -> int:
+    """The most particles of ``size`` px one local fit step may take within resources.FIT_BATCH_BYTES."""
+    frequencies = FourierGrid(size).inside.sum()
+    return resources.chunk_of(2**31, resources.FIT_BYTES_PER_POINT * frequencies, resources.FIT_BATCH_BYTES)
 
 
 def _refine_block(refiner, rows, quaternions, origins, first, batch_size) -> dict[str, np.ndarray]:
