@@ -74,7 +74,7 @@ def test_an_interrupted_refinement_resumes_with_the_blocks_it_finished(simulated
     particles, volume = simulated
     start = _rotated_away(particles.quaternions(), 4.0, 5)
     widths = np.full(len(particles), 3.0)
-    settings = RefineSettings(batch_size=8)
+    settings = RefineSettings(batch_size=8, retry_above=np.inf)  # one pass: its blocks are counted below
     monkeypatch.setattr(refinement, "CHECKPOINT_PARTICLES", 8)  # 5 blocks of one batch
     calls = []
     original = refinement.LocalRefiner.refine
@@ -100,6 +100,27 @@ def test_an_interrupted_refinement_resumes_with_the_blocks_it_finished(simulated
     elsewhere = _rotated_away(particles.quaternions(), 4.0, 6)  # other inputs: nothing kept applies
     refine_particles(particles, volume, elsewhere, widths, settings=settings, progress=False, partial=partial)
     assert calls == [0, 8, 16, 24, 32]
+
+
+def test_a_particle_centred_5_px_off_is_found_by_the_wide_second_search(simulated):
+    """A quarter of the particles start 5 px from their origin, beyond the 2 px of the first search: their fit is
+    weak for their view, and the second search over origins within 7 px finds them; without it they stay lost."""
+    particles, volume = simulated
+    off = np.arange(len(particles)) < 10
+    directions = np.random.default_rng(8).uniform(0, 2 * np.pi, len(particles))
+    origins = particles.shifts_px() + 5.0 * off[:, None] * np.stack([np.cos(directions), np.sin(directions)], axis=1)
+    start = _rotated_away(particles.quaternions(), 30.0, 9)
+    widths = np.full(len(particles), 20.0)  # unsure: a global search first
+    once = refine_particles(
+        particles, volume, start, widths, origins, RefineSettings(retry_above=np.inf), progress=False
+    )
+    twice = refine_particles(
+        particles, volume, start, widths, origins, RefineSettings(wide_shift_px=7.0), progress=False
+    )
+    lost, found = _errors(once, particles)[0], _errors(twice, particles)[0]
+    assert np.median(lost[off]) > 10.0 and np.median(lost[~off]) < 1.0
+    assert np.median(found[off]) < 1.0 and np.median(found[~off]) < 1.0
+    assert np.median(_errors(twice, particles)[1][off]) < 0.3
 
 
 def test_search_widths_follow_the_expected_error():

@@ -22,6 +22,7 @@ OPTION_OF_SETTING = {
     "wiener_constant": "--wiener",
     "step_deg": "--refine-step",
     "shift_px": "--refine-shift",
+    "wide_shift_px": "--wide-shift",
 }
 
 

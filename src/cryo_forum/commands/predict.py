@@ -126,21 +126,18 @@ def main(args: argparse.Namespace) -> int:
     model, config, trained_preprocessor = load_run(args.model)
     run = Run(args.model)
     refine_path = _refine_map(args, run)
-    refine_settings = settings_from(args, config.symmetry) if refine_path else None
     indices = subset_indices(run, args.subset, particles)
     preprocessor = preprocessor_for(particles, trained_preprocessor)
     reference = None
     reference_path = args.reference or (run.file(REFERENCE_NAME) if run.file(REFERENCE_NAME).exists() else None)
     if reference_path is not None and not particles.has_origins:
         reference = search_map(reference_path, particles, args.mask)
+    centring = Centring.for_particles(particles, preprocessor, run.load_origin_spread(), args.max_shift)
+    # refinement searches a weak fit again as far as the centring looked for the origins it found
+    wide_shift = centring.reach_px if reference is not None else None
+    refine_settings = settings_from(args, config.symmetry, wide_shift=wide_shift) if refine_path else None
     table = predict_particles(
-        model,
-        particles,
-        preprocessor,
-        indices,
-        batch_size=args.batch_size,
-        reference=reference,
-        centring=Centring.for_particles(particles, preprocessor, run.load_origin_spread(), args.max_shift),
+        model, particles, preprocessor, indices, batch_size=args.batch_size, reference=reference, centring=centring
     )
     _add_calibrated_columns(table, run)  # the network's bound sets how wide refinement searches
     partial = PartialResults.beside(args.out)

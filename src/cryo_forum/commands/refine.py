@@ -58,6 +58,21 @@ def add_refine_options(parser: argparse.ArgumentParser, symmetry: bool = True) -
         help="particles whose search would reach further are searched globally first "
         f"(default {DEFAULTS.global_above_deg:g})",
     )
+    parser.add_argument(
+        "--wide-shift",
+        type=float,
+        metavar="PX",
+        help="how far from its start the second, global search of a particle that fits weakly tries its origin "
+        "(default: --refine-shift; predict: as far as it centred never-aligned particles)",
+    )
+    parser.add_argument(
+        "--retry-above",
+        type=float,
+        default=DEFAULTS.retry_above,
+        metavar="Z",
+        help="search a particle again when its fit is this many robust standard deviations weaker than its view's "
+        f"(default {DEFAULTS.retry_above:g}; inf: never)",
+    )
     add_mask_option(parser)
     if symmetry:
         parser.add_argument(
@@ -74,11 +89,19 @@ def add_mask_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from(args: argparse.Namespace, symmetry: str, batch_size: int = DEFAULTS.batch_size) -> RefineSettings:
-    """The search's settings from the options of :func:`add_refine_options`, checked."""
+def settings_from(
+    args: argparse.Namespace, symmetry: str, batch_size: int = DEFAULTS.batch_size, wide_shift: float | None = None
+) -> RefineSettings:
+    """The search's settings from the options of :func:`add_refine_options`, checked; ``wide_shift`` is the
+    second search's origin reach when --wide-shift does not say (never below --refine-shift)."""
+    wide = args.wide_shift  # the user's, checked below
+    if wide is None and wide_shift is not None:
+        wide = max(wide_shift, args.refine_shift)
     settings = RefineSettings(
         step_deg=args.refine_step,
         shift_px=args.refine_shift,
+        wide_shift_px=wide,
+        retry_above=args.retry_above,
         global_above_deg=args.global_above,
         symmetry=symmetry,
         batch_size=batch_size,

@@ -226,12 +226,12 @@ def _blocks(total: int, size: int) -> list[slice]:
 
 
 def _shift_count(radius: float, step: float) -> int:
-    """At least the number of offsets :func:`_shift_grid` gives, without building them."""
+    """At least the number of offsets :func:`shift_grid` gives, without building them."""
     ticks = math.floor(radius / step + 1e-9)
     return min((2 * ticks + 1) ** 2, math.ceil(math.pi * (ticks + 1) ** 2))
 
 
-def _shift_grid(radius: float, step: float) -> np.ndarray:
+def shift_grid(radius: float, step: float) -> np.ndarray:
     """Offsets (x, y) [T, 2] in px on a square grid of ``step`` within ``radius`` (just [0, 0] for radius 0)."""
     ticks = step * np.arange(-np.floor(radius / step + 1e-9), np.floor(radius / step + 1e-9) + 1)
     grid = np.stack(np.meshgrid(ticks, ticks, indexing="xy"), axis=-1).reshape(-1, 2)
@@ -320,7 +320,7 @@ class ProjectionMatcher:
         self.coarse = _Band(self.size, settings.coarse_band / np.radians(settings.coarse_deg), noise)
         self.fine = _Band(self.size, self.size / 2.0, noise)
         self.grid = global_grid(settings.coarse_deg, settings.symmetry)
-        self._coarse_shifts = _shift_grid(settings.max_shift_px, settings.shift_step_px)
+        self._coarse_shifts = shift_grid(settings.max_shift_px, settings.shift_step_px)
         self._bands = {self.coarse.radius: self.coarse, self.fine.radius: self.fine}
 
     @functools.cached_property
@@ -383,14 +383,18 @@ class ProjectionMatcher:
             quaternions, origins, score, _ = self.local_search(spectra, ctf, quaternions, origins, offsets, shift_step)
         return quaternions, origins, score
 
-    def coarse_search(self, spectra: np.ndarray, ctf: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
+    def coarse_search(
+        self, spectra: np.ndarray, ctf: np.ndarray, origins: np.ndarray, shifts: np.ndarray | None = None
+    ) -> tuple[np.ndarray, ...]:
         """Best global-grid rotation and origin of each particle, scored one block of references at a time.
 
         spectra [B, D * (D // 2 + 1)] from :func:`particle_spectra`, CTFs [B, D * (D // 2 + 1)] and origins [B, 2] px;
-        returns quaternions [B, 4], origins [B, 2] and scores [B].
+        the origins tried are each particle's plus ``shifts`` [T, 2] (px; default the settings' grid, which sizes
+        the search's memory: pass at most as many). Returns quaternions [B, 4], origins [B, 2] and scores [B].
         """
         rows = np.arange(len(spectra))
-        trials = origins[:, None, :] + self._coarse_shifts[None]  # [B, T, 2]
+        shifts = self._coarse_shifts if shifts is None else shifts
+        trials = origins[:, None, :] + shifts[None]  # [B, T, 2]
         weighted = self._weighted(self.coarse, spectra, ctf, trials)
         ctf_power = (self.coarse.weights * ctf[:, self.coarse.flat] ** 2).astype(np.float32)
         best = np.full(len(spectra), -np.inf)
@@ -427,7 +431,7 @@ class ProjectionMatcher:
         """
         band = band or self.fine
         candidates = geometry.quaternion_multiply(offsets[None], quaternions[:, None])  # [B, C, 4]
-        trials = origins[:, None, :] + _shift_grid(shift_step, shift_step if shift_step > 0 else 1.0)
+        trials = origins[:, None, :] + shift_grid(shift_step, shift_step if shift_step > 0 else 1.0)
         frequencies = len(band.flat)
         per_call = resources.chunk_of(len(offsets), frequencies)  # candidates of one particle per block
         full = per_call == len(offsets)  # a block of several particles, sized by the batch size: one XLA shape

@@ -13,6 +13,7 @@ from cryo_forum.errors import InvalidSetting
 SHRINK = 0.5  # each stage's step over the previous one
 MIN_STEP_DEG = 0.01
 GLOBAL_SHIFT_STEP_PX = 1.0
+WIDE_SHIFT_STEPS = 3.5  # the wide origin grid: about seven origins across (2 px apart for a 7 px reach)
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,10 @@ class RefineSettings:
     ``min_radius_deg``); ``step_deg`` bounds the last stage's step and ``iterations`` is the number of
     Gauss-Newton steps per stage while the stage's band is below half the Nyquist frequency (one after);
     ``shift_px`` how far origins may move from where they start. The global fallback uses the matcher's grid of
-    ``coarse_deg`` and its band ``coarse_band``, which also sets each stage's.
+    ``coarse_deg`` and its band ``coarse_band``, which also sets each stage's. A particle that fits weakly for its
+    view (its weak-fit z-score above ``retry_above``) is searched again globally over origins within
+    ``wide_shift_px`` (default ``shift_px``) of its start, and keeps the better fit: a particle centred a few
+    pixels off lands in a wrong basin that the first search, near its start, cannot leave.
     """
 
     radius_per_error: float = 2.0
@@ -32,6 +36,8 @@ class RefineSettings:
     step_deg: float = 2.0
     iterations: int = 2
     shift_px: float = 2.0
+    wide_shift_px: float | None = None
+    retry_above: float = 1.0
     coarse_deg: float = 7.5
     coarse_band: float = 2.0
     oversampling: int = 2
@@ -60,19 +66,37 @@ class RefineSettings:
             )
         if not (math.isfinite(self.shift_px) and self.shift_px >= 0):
             raise InvalidSetting("shift_px", f"must be >= 0 px, got {self.shift_px}")
+        if not (math.isfinite(self.wide_reach) and self.wide_reach >= self.shift_px):
+            message = f"must be at least shift_px, {self.shift_px:g} px, got {self.wide_reach}"
+            raise InvalidSetting("wide_shift_px", message)
+        if math.isnan(self.retry_above):
+            raise InvalidSetting("retry_above", "must be a number (inf: no second search)")
         self.matching().validate()
 
+    @property
+    def wide_reach(self) -> float:
+        """How far from its start the second, global search tries a particle's origin (px)."""
+        return self.shift_px if self.wide_shift_px is None else float(self.wide_shift_px)
+
+    def narrow_shifts(self) -> np.ndarray:
+        """The origin offsets [T, 2] (px) of the first global search: 1 px apart within ``shift_px``."""
+        from cryo_forum.prediction.matching import shift_grid
+
+        return shift_grid(self.shift_px, min(GLOBAL_SHIFT_STEP_PX, self.shift_px) or GLOBAL_SHIFT_STEP_PX)
+
     def matching(self):
-        """The matcher's :class:`~cryo_forum.prediction.matching.MatchSettings`: its global grid for the fallback
-        (which also tries origins 1 px apart within ``shift_px`` of the start: a particle the network centred badly
-        is not lost), its batch size and symmetry."""
+        """The matcher's :class:`~cryo_forum.prediction.matching.MatchSettings`: its global grid for the fallback,
+        whose own origin grid is the second search's (within ``wide_reach``, about WIDE_SHIFT_STEPS steps across,
+        at least GLOBAL_SHIFT_STEP_PX apart; the first global search tries :meth:`narrow_shifts`), its batch size
+        and symmetry."""
         from cryo_forum.prediction.matching import MatchSettings
 
+        reach = self.wide_reach
         return MatchSettings(
             coarse_deg=self.coarse_deg,
             refine_deg=min(self.step_deg, self.coarse_deg),
-            max_shift_px=self.shift_px,
-            shift_step_px=min(GLOBAL_SHIFT_STEP_PX, self.shift_px) or GLOBAL_SHIFT_STEP_PX,
+            max_shift_px=reach,
+            shift_step_px=min(reach, max(GLOBAL_SHIFT_STEP_PX, reach / WIDE_SHIFT_STEPS)) or GLOBAL_SHIFT_STEP_PX,
             coarse_band=self.coarse_band,
             oversampling=self.oversampling,
             batch_size=self.batch_size,

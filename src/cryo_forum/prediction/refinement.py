@@ -18,6 +18,7 @@ Junk is told by the fit (:func:`misfit_scores`): an image the map explains badly
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
@@ -63,23 +64,32 @@ class LocalRefiner:
         self.ctfs = ParticleCTFs(particles)
         self.fit = LocalFit(self.matcher.projector)
         self.steps = settings.steps()
+        self.narrow_shifts = settings.narrow_shifts()
 
     def refine(
-        self, indices: np.ndarray, quaternions: np.ndarray, origins: np.ndarray, first: np.ndarray
+        self, indices: np.ndarray, quaternions: np.ndarray, origins: np.ndarray, first: np.ndarray, wide: bool = False
     ) -> tuple[np.ndarray, ...]:
         """Poses [b, 4], origins [b, 2] (px), scores [b], expected errors [b] (degrees) and low-resolution
         residuals [b] (:func:`misfit_scores`) of particles ``indices`` [b] started at ``quaternions``, ``origins``
-        and stages ``first`` [b] (from :meth:`RefineSettings.first_stages`; -1: global first)."""
+        and stages ``first`` [b] (from :meth:`RefineSettings.first_stages`; -1: global first, over origins within
+        ``shift_px``). With ``wide`` every particle is searched globally first over the origins within the wide
+        reach (:attr:`RefineSettings.wide_reach`), and its origin then moves within ``shift_px`` of the one found."""
         images = self.particles.images(indices)
         spectra = particle_spectra(images)
         ctf = self.ctfs(indices)
         flat_ctf = np.asarray(ctf, dtype=np.float64).reshape(len(indices), -1)
         start = np.asarray(origins, dtype=np.float64)
-        poses, moved, first = np.array(quaternions, dtype=np.float64), start.copy(), np.array(first)
-        wide = first < 0
-        if wide.any():
-            poses[wide], moved[wide], _ = self.matcher.coarse_search(spectra[wide], flat_ctf[wide], moved[wide])
-            first[wide] = self.settings.after_global()
+        poses, first = np.array(quaternions, dtype=np.float64), np.array(first)
+        if wide:
+            poses, start, _ = self.matcher.coarse_search(spectra, flat_ctf, start)
+            first = np.full(len(first), self.settings.after_global())
+        moved = start.copy()
+        searched = first < 0
+        if searched.any():
+            poses[searched], moved[searched], _ = self.matcher.coarse_search(
+                spectra[searched], flat_ctf[searched], moved[searched], self.narrow_shifts
+            )
+            first[searched] = self.settings.after_global()
         if self.settings.shift_px > 0:
             weighted = self.origins.weighted_spectra(images)
             moved = self.origins.best_origins(weighted, ctf, poses, start, self.settings.shift_px)[0]
@@ -141,19 +151,22 @@ def refine_particles(
         f"stages from {refiner.steps[0]:.1f} to {refiner.steps[-1]:.2f} deg"
         + (f"; {kept.finished()} blocks of {block} already refined" if kept is not None and kept.finished() else "")
     )
-    results = {name: np.zeros((len(particles), *shape)) for name, shape in REFINED_ARRAYS.items()}
+    width = min(settings.batch_size, len(particles), fit_batch_limit(particles.box_size))
+    run = functools.partial(_refine_blocks, refiner, quaternions, origins, first, width, block)
     with progress_bar(len(particles), description="refine", enabled=progress) as bar:
-        for begin in range(0, len(particles), block):
-            rows = np.arange(begin, min(begin + block, len(particles)))
-            done = kept.load(begin) if kept is not None else None
-            if done is None:
-                width = min(settings.batch_size, len(particles), fit_batch_limit(particles.box_size))
-                done = _refine_block(refiner, rows, quaternions, origins, first, width)
-                if kept is not None:
-                    kept.save(begin, done)
-            for name, values in done.items():
-                results[name][rows] = values
-            bar.update(len(rows))
+        results = run(np.arange(len(particles)), kept, bar)
+    retried = _retry_candidates(results, first, settings)
+    if len(retried):
+        log.info(
+            f"searching {len(retried)} particles again (a weak fit for their view): globally, over origins within "
+            f"{settings.wide_reach:.1f} px"
+        )
+        again = None if kept is None else PartialResults(kept.folder / "again", fingerprint(key, retried))
+        with progress_bar(len(retried), description="refine again", enabled=progress) as bar:
+            second = run(retried, again, bar, wide=True)
+        better = second["scores"] > results["scores"][retried]
+        for name, values in second.items():
+            results[name][retried[better]] = values[better]
     poses, errors = results["poses"], results["errors"]
     euler = geometry.quaternion_to_euler(poses)
     table = pd.DataFrame({star.ANGLE_ROT: euler[:, 0], star.ANGLE_TILT: euler[:, 1], star.ANGLE_PSI: euler[:, 2]})
@@ -172,16 +185,42 @@ def fit_batch_limit(size: int) -> int:
     return resources.chunk_of(2**31, resources.FIT_BYTES_PER_POINT * frequencies, resources.FIT_BATCH_BYTES)
 
 
-def _refine_block(refiner, rows, quaternions, origins, first, batch_size) -> dict[str, np.ndarray]:
+def _refine_blocks(refiner, quaternions, origins, first, width, block, rows, kept, bar, wide=False) -> dict:
+    """The refined arrays (REFINED_ARRAYS) of particles ``rows``, ``block`` at a time, each block kept in ``kept``
+    (a PartialResults, or None) and taken from it when it was finished before."""
+    results = {name: np.zeros((len(rows), *shape)) for name, shape in REFINED_ARRAYS.items()}
+    for begin in range(0, len(rows), block):
+        chunk = rows[begin : begin + block]
+        done = kept.load(begin) if kept is not None else None
+        if done is None:
+            done = _refine_block(refiner, chunk, quaternions, origins, first, width, wide)
+            if kept is not None:
+                kept.save(begin, done)
+        for name, values in done.items():
+            results[name][begin : begin + len(chunk)] = values
+        bar.update(len(chunk))
+    return results
+
+
+def _refine_block(refiner, rows, quaternions, origins, first, batch_size, wide) -> dict[str, np.ndarray]:
     """The refined arrays (REFINED_ARRAYS) of particles ``rows``, ``batch_size`` at a time. A short batch is
     padded with copies of its last particle, so every batch has one shape and the fit compiles once per band."""
     parts = []
     for begin in range(0, len(rows), batch_size):
         batch = rows[begin : begin + batch_size]
         padded = np.pad(batch, (0, batch_size - len(batch)), mode="edge")
-        refined = refiner.refine(padded, quaternions[padded], origins[padded], first[padded])
+        refined = refiner.refine(padded, quaternions[padded], origins[padded], first[padded], wide)
         parts.append([values[: len(batch)] for values in refined])
     return {name: np.concatenate([part[n] for part in parts]) for n, name in enumerate(REFINED_ARRAYS)}
+
+
+def _retry_candidates(results: dict, first: np.ndarray, settings: RefineSettings) -> np.ndarray:
+    """The particles to search again (:class:`RefineSettings`): a weak fit for their view
+    (:func:`weak_fit_scores` above ``retry_above``), unless the same global search already found that fit."""
+    weak = weak_fit_scores(results["scores"], results["poses"], settings.symmetry) > settings.retry_above
+    if settings.wide_reach <= settings.shift_px:
+        weak &= first >= 0  # searched globally already, over the same origins
+    return np.flatnonzero(weak)
 
 
 def search_widths(
@@ -209,6 +248,11 @@ def misfit_scores(scores: np.ndarray, residuals: np.ndarray, quaternions: np.nda
     carbon or another protein holds power the projection does not explain and fails the second. The score is the
     larger of the two z-scores.
     """
-    weak = view_z_scores(-scores, quaternions, view_model(-scores, quaternions, symmetry))
     unexplained = view_z_scores(residuals, quaternions, view_model(residuals, quaternions, symmetry))
-    return np.maximum(weak, unexplained)
+    return np.maximum(weak_fit_scores(scores, quaternions, symmetry), unexplained)
+
+
+def weak_fit_scores(scores: np.ndarray, quaternions: np.ndarray, symmetry: str) -> np.ndarray:
+    """How much weaker each particle's fit ``scores`` [N] is than those of the particles of its view, as a robust
+    z-score [N] (:func:`cryo_forum.prediction.directional.view_z_scores`; larger = weaker)."""
+    return view_z_scores(-scores, quaternions, view_model(-scores, quaternions, symmetry))
