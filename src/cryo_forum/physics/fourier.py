@@ -13,7 +13,6 @@ from __future__ import annotations
 from functools import cached_property
 
 import numpy as np
-import scipy.fft
 
 
 def _integer_frequencies(size: int) -> np.ndarray:
@@ -99,6 +98,8 @@ def translate_images(images: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
 
     images [N, D, D] (or [D, D]); shifts_px [N, 2] (or [2]) as (x, y): content at pixel p moves to p + shift.
     """
+    import scipy.fft  # here, not at the top: the command line's help imports this module and must stay light
+
     images = np.asarray(images)
     shifts = np.asarray(shifts_px, dtype=np.float64)
     size = images.shape[-1]
