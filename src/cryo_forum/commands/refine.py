@@ -11,8 +11,8 @@ has no expected error, or no pose at all) is searched on the global grid of `mat
 --symmetry). A particle whose fit is weak for its view (more than --retry-above robust standard deviations below
 the particles seen from about the same direction: typically one whose start was a few pixels off) is searched
 again, globally over origins within --wide-shift of its start, and keeps the better fit. The map is resampled to
-the particles' pixel size and box but not re-centred: its origin defines the poses (use the map the network was trained on, e.g. the run's reference.mrc); it is masked (--mask, by default
-automatically around its density).
+the particles' pixel size and box but not re-centred: its origin defines the poses (use the map the network was
+trained on, e.g. the run's reference.mrc); it is masked (--mask, by default automatically around its density).
 Writes a STAR file that keeps every input block and column, with the refined rlnAngleRot/Tilt/Psi and
 rlnOriginX/YAngst, _cfMatchScore (larger = better fit), _cfFitJunkScore (how badly the map explains the image, a
 directional z-score; `cryo-forum filter --metric fit_junk_score --threshold 3`) and _cfRefinedErrorDeg, the refined
