@@ -88,7 +88,7 @@ def test_train_star_pretrains_on_its_own_map_then_fine_tunes(consensus, tmp_path
     assert predicted.has_origins and np.all(np.isfinite(predicted.shifts_px()))
     refined = [star_io.MATCH_SCORE, star_io.REFINED_ERROR]  # refined against the run's reference by default
     assert all(np.isfinite(predicted.table[column]).all() for column in refined)
-    bounds = predicted.table[[star_io.ERROR_BOUND, star_io.REFINED_BOUND]].to_numpy()  # calibrated on validation
+    bounds = predicted.table[[star_io.ERROR_BOUND, star_io.REFINED_BOUND]].to_numpy()  # calibrated; the fit's own
     assert np.all(np.isfinite(bounds) & (bounds > 0))
     assert "recommended" in Run(run).load_calibration()["metrics"]["fit_junk_score"]  # from the refined validation set
     kept = tmp_path / "kept.star"

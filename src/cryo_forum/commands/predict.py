@@ -82,7 +82,8 @@ def subset_indices(run, subset: str, particles):
 
 
 def _add_calibrated_columns(table, run) -> None:
-    """The directional junk score and the 90 % error bounds, when the run's calibration has them (qcqp runs)."""
+    """The directional junk score and the network's 90 % error bound, when the run's calibration has them (qcqp
+    runs). Refinement writes its own bound (:mod:`cryo_forum.prediction.refinement`)."""
     from cryo_forum.io import star
     from cryo_forum.prediction.calibration import error_bounds, scores_from_table
 
@@ -91,13 +92,9 @@ def _add_calibrated_columns(table, run) -> None:
     calibration = run.load_calibration()
     if "directional" in calibration:
         table[star.JUNK_SCORE] = scores_from_table(table, "junk_score", "the predictions", calibration)
-    for kind, source, column in (
-        ("network", star.EXPECTED_ERROR, star.ERROR_BOUND),
-        ("refined", star.REFINED_ERROR, star.REFINED_BOUND),
-    ):
-        bounds = error_bounds(calibration, kind, table[source]) if source in table else None
-        if bounds is not None:
-            table[column] = bounds
+    bounds = error_bounds(calibration, "network", table[star.EXPECTED_ERROR])
+    if bounds is not None:
+        table[star.ERROR_BOUND] = bounds
 
 
 def main(args: argparse.Namespace) -> int:

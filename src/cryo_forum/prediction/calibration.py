@@ -271,8 +271,8 @@ def bound_factor(errors_deg: np.ndarray, expected_error_deg: np.ndarray) -> floa
 
 
 def error_bounds(calibration: dict, kind: str, expected_error_deg: np.ndarray) -> np.ndarray | None:
-    """The calibrated 90 % error bounds [N] (degrees) of expected errors [N] of ``kind`` ("network" or
-    "refined"), None when the calibration has no factor for it."""
+    """The calibrated 90 % error bounds [N] (degrees) of expected errors [N] of ``kind`` ("network"), None when
+    the calibration has no factor for it."""
     factor = calibration.get("bound_90", {}).get(kind)
     return None if factor is None else factor * np.asarray(expected_error_deg, dtype=np.float64)
 

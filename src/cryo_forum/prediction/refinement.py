@@ -174,7 +174,7 @@ def refine_particles(
         table[column] = values
     table[star.MATCH_SCORE] = results["scores"]
     table[star.REFINED_ERROR] = errors
-    table[star.REFINED_BOUND] = GAUSSIAN_BOUND_90 * errors  # the fit's own; a run's calibration replaces it
+    table[star.REFINED_BOUND] = GAUSSIAN_BOUND_90 * errors  # the fit's own: it needs no calibration
     table[star.FIT_JUNK_SCORE] = misfit_scores(results["scores"], results["residuals"], poses, settings.symmetry)
     return table
 
